@@ -1,0 +1,353 @@
+"""The run config: one typed schema for every training run, YAML in and out.
+
+Each field carries its help text and its allowed values in `metadata`; validation, `train.py --help` and the UI's
+tooltips all read them from here. The schema accepts the flat YAML lora-scripts users already write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+
+from studio.errors import StudioError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+IMAGE_TASK = "image-generation"
+TEXT_TASK = "text-generation"
+
+
+class ConfigError(StudioError):
+    """A config key or value the schema does not accept."""
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:
+    """A schema field: default, help text, and validation rules (choices, min, max, path)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class RunConfig:
+    # --- what to train ---------------------------------------------------------------------------------------------
+    task_type: str = _f(IMAGE_TASK, "What the LoRA is for.", choices=[IMAGE_TASK, TEXT_TASK])
+    base_model: str = _f("", "Diffusers/transformers folder, hub id, or single-file .safetensors checkpoint.",
+                         path="model")
+    model_family: str = _f("auto", "Model family; 'auto' detects it from the weights.",
+                           choices=["auto", "sd15", "sdxl", "llm"])
+    preset: Optional[str] = _f(None, "Preset from presets/ this config starts from; its values are defaults here.")
+    allow_unsafe_pickle: bool = _f(False, "Allow loading .ckpt/.pt pickle files, which can run arbitrary code.")
+
+    # --- data ------------------------------------------------------------------------------------------------------
+    train_data_dir: str = _f("", "Folder of training images (with metadata.csv or .txt captions) or text/jsonl files.",
+                             path="dir")
+    metadata_path: Optional[str] = _f(None, "Captions CSV (filename,prompt); default: train_data_dir/metadata.csv.",
+                                      path="file")
+    trigger_word: str = _f("", "Word put first in every caption (character LoRAs need one).")
+    caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", min=0.0, max=1.0)
+    shuffle_tags: bool = _f(False, "Shuffle comma-separated tags each step (after the first keep_tokens).")
+    keep_tokens: int = _f(0, "Number of leading tags that shuffle_tags keeps in place.", min=0)
+    repeats: int = _f(1, "How many times each image is seen per epoch.", min=1)
+    resolution: int = _f(512, "Training resolution in pixels (the bucket area for aspect-ratio bucketing).",
+                         min=64, max=4096)
+    enable_bucket: bool = _f(True, "Aspect-ratio bucketing: keep portrait/landscape images uncropped.")
+    random_flip: bool = _f(False, "Randomly mirror images horizontally.")
+    cache_latents: bool = _f(True, "Encode each image with the VAE once instead of every epoch (off with random_flip).")
+    data_format: str = _f("auto", "Text data format; 'auto' detects it.",
+                          choices=["auto", "text", "alpaca", "sharegpt", "messages"])
+    system_prompt: Optional[str] = _f(None, "System prompt added to every conversation that has none.")
+    max_length: int = _f(1024, "Maximum tokens per text sample; longer samples are truncated.", min=8)
+    train_on_prompt: bool = _f(False, "Also compute loss on system/user tokens (default: assistant tokens only).")
+    packing: bool = _f(False, "Pack several short text samples into one sequence of max_length.")
+
+    # --- LoRA ------------------------------------------------------------------------------------------------------
+    lora_rank: int = _f(8, "LoRA rank (dim).", min=1, max=1024)
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: rank.", min=0.0)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0)
+    target_modules: Optional[list[str]] = _f(None, "Module names to adapt; default per family. 'all-linear' for LLMs.")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s) (image task).")
+    init_lora: Optional[str] = _f(None, "Existing LoRA to start from (incremental training).", path="any")
+
+    # --- optimisation ----------------------------------------------------------------------------------------------
+    batch_size: int = _f(4, "Samples per step on the device.", min=1)
+    gradient_accumulation_steps: int = _f(1, "Steps whose gradients are summed before an optimizer update.", min=1)
+    epochs: int = _f(10, "Passes over the dataset (ignored when max_train_steps is set).", min=1)
+    max_train_steps: Optional[int] = _f(None, "Stop after this many optimizer updates.", min=1)
+    learning_rate: float = _f(2e-4, "Learning rate of the LoRA weights.", min=0.0)
+    text_encoder_lr: Optional[float] = _f(None, "Learning rate of the text-encoder LoRA; default learning_rate.",
+                                          min=0.0)
+    optimizer: str = _f("adamw", "Optimizer; adamw8bit needs CUDA (bitsandbytes).", choices=["adamw", "adamw8bit"])
+    weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", min=0.0)
+    lr_scheduler: str = _f("constant", "Learning-rate schedule.",
+                           choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                    "polynomial"])
+    lr_warmup_steps: int = _f(0, "Warmup updates at the start of the schedule.", min=0)
+    mixed_precision: str = _f("no", "Autocast precision; fp16 uses loss scaling.", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
+    load_in_4bit: bool = _f(False, "QLoRA: load the LLM in 4-bit NF4 (needs CUDA).")
+    noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 is typical.", min=0.0)
+    min_snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty = off.", min=0.0)
+    seed: int = _f(42, "Random seed; the same seed and config give the same run.", min=0)
+    device: str = _f("auto", "Where to train.", choices=["auto", "cuda", "mps", "cpu"])
+
+    # --- outputs ---------------------------------------------------------------------------------------------------
+    output_dir: str = _f("", "Where the adapter, checkpoints, logs and config.yaml go.")
+    output_name: Optional[str] = _f(None, "File name of the exported LoRA; default: the output_dir folder name.")
+    save_steps: int = _f(100, "Save a checkpoint every N updates (0 = only at the end).", min=0)
+    checkpoints_total_limit: int = _f(3, "Keep only the newest N checkpoints.", min=1)
+    resume_from: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' in output_dir.", path="resume")
+    logging_dir: Optional[str] = _f(None, "TensorBoard log folder; default output_dir/logs.")
+    sample_every_steps: int = _f(0, "Render sample outputs every N updates (0 = off).", min=0)
+    sample_prompts: list[str] = _f([], "Prompts for sample images / sample replies.")
+    sample_inference_steps: int = _f(20, "Denoising steps for sample images.", min=1)
+    export_peft_format: bool = _f(False, "Image task: also save the diffusers/peft LoRA format.")
+    save_merged_model: bool = _f(False, "LLM task: also save base+adapter merged into a full model.")
+
+    @property
+    def is_image(self) -> bool:
+        return self.task_type == IMAGE_TASK
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else float(self.lora_rank)
+
+    @property
+    def name(self) -> str:
+        return self.output_name or Path(self.output_dir).name or "lora"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def field_help(name: str) -> str:
+    """Help text for a key, with its allowed values — shared by the CLI and UI tooltips."""
+    meta = FIELDS[name].metadata
+    text = meta["help"]
+    if "choices" in meta:
+        text += f" One of: {', '.join(meta['choices'])}."
+    return text
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+def read_yaml(path: str | Path) -> dict:
+    """Parse a YAML file into a plain dict, with a clear error for syntax mistakes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}. Give the path of a .yaml file (see presets/ for examples).")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_yaml(text: str, where: str = "config") -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of key: value lines, got {type(data).__name__}.")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"Unknown preset '{name}'. Available presets: {', '.join(preset_names())}.")
+    return read_yaml(path)
+
+
+def config_from_dict(data: dict, *, check_paths: bool = True, base_dir: Path | None = None) -> RunConfig:
+    """Validate a flat mapping (user YAML, preset values already merged in) into a RunConfig.
+
+    All problems are collected and reported in one error. Relative paths resolve against `base_dir` (default: cwd).
+    """
+    data = dict(data)
+    if data.get("preset"):
+        data = {**load_preset(str(data["preset"])), **data}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else " See `python train.py --help` for the valid keys."
+            problems.append(f"Unknown key '{key}'.{hint}")
+            continue
+        try:
+            values[key] = _coerce(key, raw)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(_format_problems(problems))
+    cfg = RunConfig(**values)
+    problems += _check_consistency(cfg)
+    if check_paths:
+        problems += _check_paths(cfg, base_dir or Path.cwd())
+    if problems:
+        raise ConfigError(_format_problems(problems))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict | None = None, *, check_paths: bool = True) -> RunConfig:
+    """Read, merge and validate a config file; `overrides` (e.g. CLI flags) win over the file."""
+    data = read_yaml(path)
+    data.update(overrides or {})
+    return config_from_dict(data, check_paths=check_paths)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    return path
+
+
+# --- validation helpers --------------------------------------------------------------------------------------------
+
+def _format_problems(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"Config error: {problems[0]}"
+    return "Config errors:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def _coerce(key: str, raw: Any) -> Any:
+    """Turn a YAML value into the field's type, or raise ValueError naming key, value and what is allowed."""
+    hint = _HINTS[key]
+    meta = FIELDS[key].metadata
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if raw is None or (optional and raw == ""):
+        if optional:
+            return None
+        raise ValueError(f"'{key}' needs a value ({_describe(base, meta)}).")
+
+    value = _coerce_type(key, raw, base, meta)
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"'{key}' is '{value}', which is not allowed. Allowed values: {', '.join(meta['choices'])}.")
+    if "min" in meta and value < meta["min"]:
+        raise ValueError(f"'{key}' is {value}; it must be at least {meta['min']}.")
+    if "max" in meta and value > meta["max"]:
+        raise ValueError(f"'{key}' is {value}; it must be at most {meta['max']}.")
+    return value
+
+
+def _coerce_type(key: str, raw: Any, base: Any, meta: dict) -> Any:
+    bad = ValueError(f"'{key}' is {raw!r}, expected {_describe(base, meta)}.")
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in {"true", "yes", "on", "false", "no", "off"}:
+            return raw.strip().lower() in {"true", "yes", "on"}
+        raise bad
+    if base is int:
+        if isinstance(raw, bool):
+            raise bad
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base is float:
+        # YAML 1.1 reads `2e-4` (no dot) as a string; the user meant the number.
+        if isinstance(raw, bool):
+            raise bad
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise bad from None
+    if base is str:
+        if isinstance(raw, (dict, list)):
+            raise bad
+        return str(raw)
+    if typing.get_origin(base) is list:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, (str, int, float)) for i in items):
+            raise bad
+        return [str(i) for i in items]
+    raise TypeError(f"unsupported schema type for {key}: {base}")
+
+
+def _describe(base: Any, meta: dict) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(meta["choices"])
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    if base in names:
+        return names[base]
+    return "a list of text values"
+
+
+def _check_consistency(cfg: RunConfig) -> list[str]:
+    problems = []
+    if not cfg.base_model:
+        problems.append("'base_model' is empty. Set it to a model folder, a hub id, or a .safetensors checkpoint.")
+    if not cfg.train_data_dir:
+        problems.append("'train_data_dir' is empty. Set it to the folder that holds the training data.")
+    if not cfg.output_dir:
+        problems.append("'output_dir' is empty. Set it to the folder where the LoRA should be written.")
+    if cfg.task_type == TEXT_TASK and cfg.model_family in ("sd15", "sdxl"):
+        problems.append(f"'model_family' is {cfg.model_family} but task_type is {TEXT_TASK}; use llm or auto.")
+    if cfg.task_type == IMAGE_TASK and cfg.model_family == "llm":
+        problems.append(f"'model_family' is llm but task_type is {IMAGE_TASK}; use sd15, sdxl or auto.")
+    return problems
+
+
+def _looks_local(value: str) -> bool:
+    """A hub id is `name` or `org/name`; anything with a file suffix, ./, / or ~ is meant as a local path."""
+    return (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
+            or Path(value).suffix.lower() in {".safetensors", ".ckpt", ".pt", ".bin", ".pth"})
+
+
+def _check_paths(cfg: RunConfig, base_dir: Path) -> list[str]:
+    """Resolve every path field in place; report those that do not exist."""
+    problems = []
+    for name, f in FIELDS.items():
+        kind = f.metadata.get("path")
+        value = getattr(cfg, name)
+        if not kind or not value:
+            continue
+        if kind == "resume" and value == "latest":
+            continue
+        path = (base_dir / Path(value).expanduser()).resolve()
+        if kind == "model" and not path.exists() and not _looks_local(value):
+            continue  # a hub id: checked when the model loads
+        if not path.exists():
+            problems.append(f"'{name}' points to {path}, which does not exist. Check the path "
+                            f"(relative paths are read from {base_dir}).")
+        elif kind == "dir" and not path.is_dir():
+            problems.append(f"'{name}' is {path}, which is a file; it must be a folder.")
+        elif kind == "file" and not path.is_file():
+            problems.append(f"'{name}' is {path}, which is a folder; it must be a file.")
+        else:
+            setattr(cfg, name, str(path))
+    for name in ("output_dir", "logging_dir"):
+        value = getattr(cfg, name)
+        if value:
+            setattr(cfg, name, str((base_dir / Path(value).expanduser()).resolve()))
+    return problems

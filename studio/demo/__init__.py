@@ -1,0 +1,63 @@
+"""The built-in demo workspace: tiny generated models and datasets, so every tab works with no download.
+
+`ensure_demo(root)` builds whatever is missing under `root/demo/` (a few seconds on 2 cores) and reuses it after.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from studio.demo.datasets import build_demo_chat, build_demo_images
+from studio.demo.diffusion import build_tiny_sd15, build_tiny_sdxl
+from studio.demo.llm import build_tiny_llama
+
+# Bump when a builder changes so existing demo folders are rebuilt.
+DEMO_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+
+    @property
+    def sd15(self) -> Path:
+        return self.root / "models" / "tiny-sd15"
+
+    @property
+    def sdxl(self) -> Path:
+        return self.root / "models" / "tiny-sdxl"
+
+    @property
+    def llama(self) -> Path:
+        return self.root / "models" / "tiny-llama"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "datasets" / "demo-shapes"
+
+    @property
+    def chat(self) -> Path:
+        return self.root / "datasets" / "demo-chat"
+
+    def builders(self) -> dict[Path, Callable[[Path], Path]]:
+        return {self.sd15: build_tiny_sd15, self.sdxl: build_tiny_sdxl, self.llama: build_tiny_llama,
+                self.images: build_demo_images, self.chat: build_demo_chat}
+
+
+def ensure_demo(workspace_root: str | Path) -> DemoPaths:
+    paths = DemoPaths(Path(workspace_root) / "demo")
+    for target, build in paths.builders().items():
+        marker = target / ".demo-version"
+        if marker.is_file() and marker.read_text() == DEMO_VERSION:
+            continue
+        # Build into a temp folder and rename, so an interrupted build never leaves a half model behind.
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".demo-version").write_text(DEMO_VERSION)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return paths
