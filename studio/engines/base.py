@@ -1,0 +1,87 @@
+"""The small interface between the one training loop (studio/loop.py) and a model family.
+
+An engine loads the base model with LoRA attached, owns the dataset, computes the loss of a batch, and saves or
+exports the adapter. The loop owns everything else: optimizer, schedule, precision, accumulation, checkpoints,
+resume, stop requests and events.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.config import RunConfig
+from studio.events import EventSink
+
+
+@dataclass
+class Sample:
+    """One sample output: an image file or a text reply, for the prompt that produced it."""
+    prompt: str
+    image_path: Path | None = None
+    text: str | None = None
+
+
+class Engine(ABC):
+    def __init__(self, cfg: RunConfig, device: torch.device, autocast: torch.dtype | None, events: EventSink):
+        self.cfg = cfg
+        self.device = device
+        self.autocast = autocast  # None = fp32; the frozen base weights are stored in this dtype on GPUs
+        self.events = events
+
+    @abstractmethod
+    def load(self) -> None:
+        """Validate the data, load the base model, attach LoRA (from `init_lora` if set), prepare caches."""
+
+    @abstractmethod
+    def num_samples(self) -> int:
+        """Training samples per epoch (after repeats)."""
+
+    @abstractmethod
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches as sample indices; a pure function of (seed, epoch) so resume replays it exactly."""
+
+    @abstractmethod
+    def collate(self, indices: list[int], epoch: int) -> Any:
+        """Build the batch for `indices` (augmentations seeded by (seed, epoch, index))."""
+
+    @abstractmethod
+    def loss(self, batch: Any, rng: torch.Generator) -> torch.Tensor:
+        """Mean loss of a batch; `rng` (CPU) drives all random draws so a resumed run draws the same ones."""
+
+    @abstractmethod
+    def param_groups(self) -> list[dict]:
+        """Trainable LoRA parameters as optimizer groups (each with its own 'lr')."""
+
+    @abstractmethod
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, for checkpoints."""
+
+    @abstractmethod
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `adapter_state()` output (resume)."""
+
+    @abstractmethod
+    def export(self, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        """Write the deliverable adapter file(s) into `out_dir`; returns their paths, main file first."""
+
+    @abstractmethod
+    def sample(self, prompts: list[str], out_dir: Path, step: int) -> list[Sample]:
+        """Render sample outputs with the current weights (images saved under `out_dir`)."""
+
+    def train_mode(self, training: bool) -> None:
+        """Switch the trainable model between train and eval mode."""
+        for module in self.trainable_modules():
+            module.train(training)
+
+    @abstractmethod
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """The modules that carry LoRA layers."""
+
+    def describe(self) -> dict[str, str]:
+        """Facts for the export metadata and the log (family, base model...)."""
+        return {}

@@ -1,0 +1,78 @@
+"""Training events: the only wire between the trainer and whoever watches it (CLI, UI, tests).
+
+The trainer calls `EventSink.emit(...)`; listeners get an `Event`, and every event is also appended to
+`output_dir/events.jsonl` so a UI can reattach to (or read back) a run. A listener that raises is logged and
+dropped for that event: watching a run can never break it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# kinds: start, progress, log, sample, checkpoint, done, stopped, failed
+FINAL_KINDS = ("done", "stopped", "failed")
+
+
+@dataclass
+class Event:
+    kind: str
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    data: dict = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+
+Listener = Callable[[Event], None]
+
+
+class EventSink:
+    def __init__(self, listeners: list[Listener] | None = None, jsonl_path: str | Path | None = None):
+        self.listeners = list(listeners or [])
+        self.jsonl_path = Path(jsonl_path) if jsonl_path else None
+        self._lock = threading.Lock()
+
+    def set_jsonl(self, path: str | Path) -> None:
+        self.jsonl_path = Path(path)
+        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, kind: str, step: int = 0, total: int = 0, message: str = "", **data) -> Event:
+        event = Event(kind, step, total, message, data)
+        with self._lock:
+            if self.jsonl_path:
+                try:
+                    with open(self.jsonl_path, "a", encoding="utf-8") as fh:
+                        fh.write(event.to_json() + "\n")
+                except OSError:
+                    log.exception("could not append to %s", self.jsonl_path)
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception:  # noqa: BLE001 - a broken listener must not stop training
+                    log.exception("event listener failed on %s", kind)
+        return event
+
+
+def read_events(path: str | Path) -> list[Event]:
+    """Events written by a run (skips a torn last line from a crash)."""
+    events = []
+    path = Path(path)
+    if not path.is_file():
+        return events
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(Event(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return events
