@@ -351,3 +351,14 @@ def _check_paths(cfg: RunConfig, base_dir: Path) -> list[str]:
         if value:
             setattr(cfg, name, str((base_dir / Path(value).expanduser()).resolve()))
     return problems
+
+
+def overrides_from_pairs(pairs: list[str]) -> dict:
+    """`key=value` strings (CLI --set) → a dict, values parsed as YAML so numbers and lists keep their type."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r} must look like key=value.")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out

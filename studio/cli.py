@@ -1,0 +1,58 @@
+"""What the command-line tools share: offline-friendly environment, clean user errors, tqdm progress."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from studio.errors import StudioError
+
+
+def configure_environment() -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """A StudioError ends the program with its message and exit code 2 — no traceback for user mistakes."""
+    try:
+        yield
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def field_flags_help() -> str:
+    from studio.config import FIELDS, field_help
+    return "config keys:\n" + "\n".join(f"  {name:<28} {field_help(name)}" for name in FIELDS)
+
+
+def tqdm_listener():
+    """An event listener drawing a tqdm bar: step/total, loss, it/s, ETA; log lines printed above it."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def listen(event) -> None:
+        nonlocal bar
+        if event.kind == "start":
+            bar = tqdm(total=event.total, initial=event.step, unit="step", dynamic_ncols=True)
+        if bar is None:
+            if event.message:
+                print(event.message, file=sys.stderr)
+            return
+        if event.kind == "progress":
+            bar.update(event.step - bar.n)
+            bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
+        elif event.message:
+            bar.write(event.message)
+        if event.kind in ("done", "stopped", "failed"):
+            bar.close()
+
+    return listen
