@@ -38,24 +38,30 @@ Listener = Callable[[Event], None]
 
 
 class EventSink:
-    def __init__(self, listeners: list[Listener] | None = None, jsonl_path: str | Path | None = None):
+    def __init__(self, listeners: list[Listener] | None = None):
         self.listeners = list(listeners or [])
-        self.jsonl_path = Path(jsonl_path) if jsonl_path else None
+        self._jsonl = None
         self._lock = threading.Lock()
 
-    def set_jsonl(self, path: str | Path) -> None:
-        self.jsonl_path = Path(path)
-        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+    def open_jsonl(self, path: str | Path) -> None:
+        """Also append every event to `path` (kept open: a step must not pay for reopening a file)."""
+        self.close_jsonl()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: readable while running
+
+    def close_jsonl(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+            self._jsonl = None
 
     def emit(self, kind: str, step: int = 0, total: int = 0, message: str = "", **data) -> Event:
         event = Event(kind, step, total, message, data)
         with self._lock:
-            if self.jsonl_path:
+            if self._jsonl:
                 try:
-                    with open(self.jsonl_path, "a", encoding="utf-8") as fh:
-                        fh.write(event.to_json() + "\n")
+                    self._jsonl.write(event.to_json() + "\n")
                 except OSError:
-                    log.exception("could not append to %s", self.jsonl_path)
+                    log.exception("could not append to the event log")
             for listener in self.listeners:
                 try:
                     listener(event)

@@ -46,7 +46,7 @@ def train(cfg: RunConfig, events: EventSink | None = None, stop: threading.Event
     stop = stop or threading.Event()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    events.set_jsonl(out / "events.jsonl")
+    events.open_jsonl(out / "events.jsonl")
     save_config(cfg, out / "config.yaml")  # `train.py --config output_dir/config.yaml` reproduces the run
     try:
         return _run(cfg, out, events, stop)
@@ -57,6 +57,8 @@ def train(cfg: RunConfig, events: EventSink | None = None, stop: threading.Event
         events.emit("failed", message=f"Training failed: {type(exc).__name__}: {exc}",
                     traceback=traceback.format_exc())
         raise
+    finally:
+        events.close_jsonl()
 
 
 def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event) -> RunResult:

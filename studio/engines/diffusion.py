@@ -48,6 +48,8 @@ class DiffusionEngine(Engine):
         report = inspect_dataset(cfg.train_data_dir, cfg.metadata_path)
         report.raise_if_problems()
         self.items: list[DatasetItem] = report.items
+        self._plain_captions = [augment_caption(item.caption, random.Random(0), trigger_word=self.cfg.trigger_word)
+                                for item in self.items]
         # Frozen weights in half precision on GPUs; LoRA weights stay fp32 (cast_training_params below).
         self.weight_dtype = self.autocast if (self.autocast and self.device.type == "cuda") else torch.float32
         self.pipe, self.family = load_sd_pipeline(cfg.base_model, allow_unsafe_pickle=cfg.allow_unsafe_pickle,
@@ -154,10 +156,15 @@ class DiffusionEngine(Engine):
 
     def collate(self, indices: list[int], epoch: int) -> ImageBatch:
         cfg = self.cfg
+        randomised = cfg.shuffle_tags or cfg.caption_dropout or cfg.random_flip
         items, captions, flips = [], [], []
         for index in indices:
-            rng = random.Random(f"{cfg.seed}/{epoch}/{index}")  # same draws for a sample whenever it is replayed
             items.append(index % len(self.items))
+            if not randomised:
+                captions.append(self._plain_captions[items[-1]])
+                flips.append(False)
+                continue
+            rng = random.Random(f"{cfg.seed}/{epoch}/{index}")  # same draws for a sample whenever it is replayed
             captions.append(augment_caption(self.items[items[-1]].caption, rng, trigger_word=cfg.trigger_word,
                                             shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                             caption_dropout=cfg.caption_dropout))
