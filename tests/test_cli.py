@@ -1,0 +1,38 @@
+"""train.py: the same run as the UI, from a YAML file; user mistakes print one message, no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_train_from_yaml_and_reproduce_from_saved_config(demo, tmp_path):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(f"preset: demo-image\nbase_model: {demo.sd15}\ntrain_data_dir: {demo.images}\n"
+                   f"output_dir: {tmp_path / 'out'}\nmax_train_steps: 4\nsample_prompts: []\n")
+    first = run("--config", str(cfg))
+    assert first.returncode == 0, first.stderr
+    assert f"Adapter: {tmp_path / 'out' / 'out.safetensors'}" in first.stdout
+    again = run("--config", str(tmp_path / "out" / "config.yaml"), "--set", f"output_dir={tmp_path / 'again'}",
+                cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "again.safetensors").is_file()  # the file is named after output_dir
+
+
+def test_config_error_is_one_message_without_traceback(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lora_rnak: 8\nbase_model: x\ntrain_data_dir: .\noutput_dir: o\n")
+    result = run("--config", str(cfg))
+    assert result.returncode == 2
+    assert "Did you mean 'lora_rank'?" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_lists_config_keys():
+    result = run("--help")
+    assert result.returncode == 0 and "lora_rank" in result.stdout and "One of: no, fp16, bf16." in result.stdout
