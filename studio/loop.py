@@ -76,7 +76,7 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event) ->
     scheduler = build_scheduler(cfg, optimizer, total)
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
-    rng = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, caption dropout: all drawn from here
+    rng = torch.Generator().manual_seed(cfg.seed)  # noise and timesteps are drawn from here (saved in checkpoints)
     pos = Position()
 
     if cfg.resume_from:

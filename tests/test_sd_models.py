@@ -1,0 +1,24 @@
+"""Base-model loading errors: each says what was wrong and what to do."""
+
+import pytest
+
+from studio.engines.sd_models import load_sd_pipeline
+from studio.errors import StudioError
+
+
+def test_hub_id_offline_says_to_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StudioError) as err:
+        load_sd_pipeline("someone/not-cached-model")
+    assert "huggingface-cli download someone/not-cached-model" in str(err.value)
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path):
+    with pytest.raises(StudioError, match="not a diffusers model \\(no model_index.json\\)"):
+        load_sd_pipeline(str(tmp_path))
+
+
+def test_llm_folder_given_as_image_base_model(demo, tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(StudioError, match="holds a FluxPipeline"):
+        load_sd_pipeline(str(tmp_path))
