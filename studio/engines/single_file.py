@@ -1,0 +1,340 @@
+"""Single-file Stable Diffusion checkpoints, as A1111 / ComfyUI users keep them (`models/Stable-diffusion/*.safetensors`).
+
+`detect_family(path)` tells SD1.5 from SDXL by the weights' names in the safetensors header (never the file name, never
+the weights themselves). `load_single_file(path)` builds a diffusers pipeline from the file with diffusers' own
+single-file converters (`UNet2DConditionModel.from_single_file`, `AutoencoderKL.from_single_file`,
+`create_diffusers_clip_model_from_ldm`) and the configs shipped in `sd_configs/<family>/`, so nothing is downloaded.
+
+Why component by component rather than `StableDiffusionXLPipeline.from_single_file`: the pipeline loader picks the
+checkpoint prefix of each text encoder by hidden size, so when both SDXL encoders have the same width (the tiny demo
+models) it silently fills `text_encoder_2` from the CLIP-L weights. Here each component gets exactly its own prefix;
+the checkpoint is also read once, one component's tensors at a time, and pickles are only ever opened on purpose.
+
+Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused unless the run sets `allow_unsafe_pickle: true`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from studio.errors import StudioError
+
+CONFIG_ROOT = Path(__file__).resolve().parent / "sd_configs"
+FAMILIES = ("sd15", "sdxl")
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD15_TEXT = "cond_stage_model.transformer."
+SDXL_TEXT = "conditioner.embedders.0.transformer."
+SDXL_TEXT_2 = "conditioner.embedders.1.model."
+PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+FAMILY_NAME = {"sd15": "SD1.5", "sdxl": "SDXL"}
+
+
+class _QuietFp32Notice(logging.Filter):
+    """diffusers warns "modules that should be kept in float32: []" on every dtype cast in from_single_file, even
+    when the list is empty; that is noise for a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_QuietFp32Notice())
+
+_CONVERT_HINT = (
+    "Convert it to .safetensors once on a machine where you trust the file, e.g.\n"
+    "  python -c \"import torch, safetensors.torch as st; sd = torch.load('IN.ckpt', map_location='cpu', "
+    "weights_only=False); sd = sd.get('state_dict', sd); "
+    "st.save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, 'OUT.safetensors')\"\n"
+    "(or download the .safetensors version most model pages offer), then set base_model to the new file."
+)
+
+
+def is_single_file(path: str | Path) -> bool:
+    """True when `path` names a checkpoint file (by suffix) rather than a diffusers folder or a hub id."""
+    p = Path(path)
+    return p.suffix.lower() in SINGLE_FILE_SUFFIXES and not p.is_dir()
+
+
+def is_pickle(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def default_config_dir(family: str) -> Path:
+    return CONFIG_ROOT / family
+
+
+# ----------------------------------------------------------------------------------------------- reading the file
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise StudioError(f"base_model: checkpoint file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise StudioError(f"base_model: {path.name} is not a checkpoint file Studio can read (expected "
+                          f"{', '.join(SINGLE_FILE_SUFFIXES)}), nor a diffusers model folder.")
+
+
+def _refuse_pickle(path: Path) -> StudioError:
+    return StudioError(
+        f"base_model: {path.name} is a pickle checkpoint ({path.suffix}). Loading a pickle can run arbitrary code "
+        f"hidden in the file, so Studio refuses it by default.\n"
+        f"If you trust where it came from, set `allow_unsafe_pickle: true` in the run config. Safer: {_CONVERT_HINT}")
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names → shapes from the safetensors header; no tensor data is read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StudioError(f"base_model: {path.name} is not a readable .safetensors file ({e}). "
+                          f"Is the download complete?") from e
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        try:  # the restricted unpickler first: plain tensor checkpoints need nothing more
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError:
+            # The user allowed full unpickling: old training checkpoints also hold callbacks / optimizer objects.
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise StudioError(f"base_model: could not read {path.name} as a PyTorch checkpoint ({e}).") from e
+    while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise StudioError(f"base_model: {path.name} does not hold a state dict (found {type(obj).__name__}).")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+class _Checkpoint:
+    """The file's tensors, handed out one component (key prefix) at a time so a large file is never held twice."""
+
+    def __init__(self, path: Path, allow_unsafe_pickle: bool):
+        self.path = path
+        self._tensors: dict[str, Any] | None = None
+        if is_pickle(path):
+            if not allow_unsafe_pickle:
+                raise _refuse_pickle(path)
+            self._tensors = _load_pickle(path)
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+        else:
+            self.shapes = _header_shapes(path)
+
+    def take(self, prefix: str) -> dict[str, Any]:
+        if self._tensors is not None:
+            return {k: self._tensors.pop(k) for k in [k for k in self._tensors if k.startswith(prefix)]}
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+# ------------------------------------------------------------------------------------------------ family detection
+
+def _has(shapes: Mapping[str, Any], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in shapes)
+
+
+def _known_other_type(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """diffusers' own key-based guess at what the file is, for the error message only."""
+    try:
+        import torch
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+        class _Shaped:  # infer_diffusers_model_type looks at `.shape` only (for the families we name here)
+            def __init__(self, shape):
+                self.shape = torch.Size(shape)
+
+        return infer_diffusers_model_type({k: _Shaped(s) for k, s in shapes.items()})
+    except Exception:
+        return None
+
+
+_OTHER_NAMES = {"v2": "Stable Diffusion 2.x", "xl_refiner": "SDXL refiner", "upscale": "SD x4 upscaler",
+                "playground-v2-5": "Playground v2.5", "sd3": "Stable Diffusion 3", "sd35_medium": "SD 3.5 Medium",
+                "sd35_large": "SD 3.5 Large", "flux-dev": "FLUX.1", "flux-schnell": "FLUX.1", "flux-fill": "FLUX.1",
+                "flux-depth": "FLUX.1", "flux-2-dev": "FLUX.2", "controlnet": "ControlNet",
+                "controlnet_xl_large": "ControlNet (SDXL)", "controlnet_xl_mid": "ControlNet (SDXL)",
+                "controlnet_xl_small": "ControlNet (SDXL)", "stable_cascade_stage_b": "Stable Cascade",
+                "stable_cascade_stage_c": "Stable Cascade", "animatediff_v2": "AnimateDiff motion module",
+                "animatediff_v3": "AnimateDiff motion module", "auraflow": "AuraFlow", "hunyuan-video": "HunyuanVideo",
+                "ltx-video": "LTX-Video", "mochi-1-preview": "Mochi", "lumina2": "Lumina 2", "sana": "Sana",
+                "wan-t2v-14B": "Wan", "wan-t2v-1.3B": "Wan", "hidream": "HiDream", "chroma": "Chroma"}
+
+
+def family_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> str:
+    """'sd15' or 'sdxl' from a checkpoint's tensor names (and a few shapes); StudioError for anything else."""
+    supported = "Studio trains LoRAs on SD1.5- and SDXL-based checkpoints."
+    if not shapes:
+        raise StudioError(f"base_model: {name} holds no tensors.")
+    keys = list(shapes)
+    if not _has(shapes, UNET):
+        if any("lora_" in k or ".lora." in k or ".hada_" in k or ".lokr_" in k for k in keys):
+            raise StudioError(f"base_model: {name} is a LoRA/LyCORIS adapter, not a base model. Set base_model to the "
+                              f"checkpoint it was trained on; {supported}")
+        if _has(shapes, "down_blocks.") or _has(shapes, "text_model."):
+            raise StudioError(f"base_model: {name} holds a single diffusers-format component (UNet or text encoder), "
+                              f"not a full checkpoint. Point base_model at the whole diffusers model folder instead.")
+        if _has(shapes, "encoder.down.") or _has(shapes, "decoder.up.") or _has(shapes, "encoder.down_blocks."):
+            raise StudioError(f"base_model: {name} is a standalone VAE, not a full checkpoint. {supported}")
+        other = _OTHER_NAMES.get(_known_other_type(shapes) or "")
+        what = f"It looks like a {other} file. " if other else ""
+        raise StudioError(f"base_model: {name} is not a Stable Diffusion checkpoint Studio recognises: it has no "
+                          f"UNet weights ({UNET}*). {what}{supported}")
+
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    if conv_in is None:
+        other = _OTHER_NAMES.get(_known_other_type(shapes) or "")
+        raise StudioError(f"base_model: {name} is not an SD1.5/SDXL UNet checkpoint"
+                          f"{f' (it looks like {other})' if other else ''}. {supported}")
+    if len(conv_in) == 4 and conv_in[1] != 4:
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(conv_in[1], f"a {conv_in[1]}-channel")
+        raise StudioError(f"base_model: {name} is {kind} model (its UNet takes {conv_in[1]} input channels, not 4). "
+                          f"Use the matching regular text-to-image checkpoint. {supported}")
+
+    if _has(shapes, SDXL_TEXT_2) and _has(shapes, SDXL_TEXT):
+        family = "sdxl"
+    elif _has(shapes, SD15_TEXT):
+        family = "sd15"
+    elif _has(shapes, "conditioner.embedders.0.model."):
+        raise StudioError(f"base_model: {name} is an SDXL refiner checkpoint; LoRAs are trained on SDXL base "
+                          f"models. {supported}")
+    elif _has(shapes, "cond_stage_model.model."):
+        raise StudioError(f"base_model: {name} is a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder), "
+                          f"which is not supported. {supported}")
+    else:
+        raise StudioError(f"base_model: {name} has UNet weights but no text encoder ({SD15_TEXT}* for SD1.5, "
+                          f"{SDXL_TEXT}* + {SDXL_TEXT_2}* for SDXL) — a UNet-only file cannot be trained on its "
+                          f"own. Use the full checkpoint.")
+    if not _has(shapes, VAE):
+        raise StudioError(f"base_model: {name} has no VAE weights ({VAE}*). Use a checkpoint with the VAE baked in "
+                          f"(most are).")
+    return family
+
+
+def detect_family(path: str | Path, *, allow_unsafe_pickle: bool = False) -> str:
+    """'sd15' or 'sdxl' for a single-file checkpoint, from the tensor names in its safetensors header (no tensor
+    data is read). Pickle files are refused unless `allow_unsafe_pickle` (then they have to be loaded to be read)."""
+    path = Path(path)
+    _check_file(path)
+    if is_pickle(path):
+        if not allow_unsafe_pickle:
+            raise _refuse_pickle(path)
+        shapes = {k: tuple(v.shape) for k, v in _load_pickle(path).items()}
+    else:
+        shapes = _header_shapes(path)
+    return family_from_shapes(shapes, path.name)
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+def _read_index(config_dir: Path, family: str, name: str) -> dict:
+    index_file = config_dir / "model_index.json"
+    if not index_file.is_file():
+        raise StudioError(f"Single-file config folder {config_dir} has no model_index.json (expected a diffusers "
+                          f"layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    wanted = PIPELINE_CLASS[family]
+    if not str(index.get("_class_name", "")).startswith(wanted):
+        raise StudioError(f"{name} is an {FAMILY_NAME[family]} checkpoint but the config folder {config_dir} is for "
+                          f"{index.get('_class_name')}; use an {wanted} config folder.")
+    return index
+
+
+def _no_meta(model, component: str, name: str) -> None:
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise StudioError(f"base_model: {name} is missing {len(missing)} {component} weights (e.g. "
+                          f"{', '.join(missing[:3])}) — the file is incomplete or not a standard "
+                          f"SD1.5/SDXL checkpoint.")
+
+
+def _build(component: str, name: str, fn: Callable[[], Any]) -> Any:
+    try:
+        model = fn()
+    except StudioError:
+        raise
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise StudioError(f"base_model: the {component} weights in {name} do not fit its config ({e}). The file "
+                          f"is not a standard checkpoint of the detected family, or config_dir does not match it."
+                          ) from e
+    _no_meta(model, component, name)
+    return model
+
+
+def load_single_file(path: str | Path, *, allow_unsafe_pickle: bool = False, config_dir: str | Path | None = None,
+                     torch_dtype=None):
+    """Load a single-file SD1.5/SDXL checkpoint as a diffusers pipeline. Returns `(pipeline, family)`.
+
+    `config_dir` is a diffusers-layout folder with the component configs, tokenizers and scheduler (no weights
+    needed); by default the shipped `sd_configs/sd15` or `sd_configs/sdxl` for the detected family. Weights load in
+    `torch_dtype` (float32 when None). No network access: everything comes from the file and `config_dir`.
+    """
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    _check_file(path)
+    ckpt = _Checkpoint(path, allow_unsafe_pickle)
+    family = family_from_shapes(ckpt.shapes, path.name)
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir(family)
+    index = _read_index(config_dir, family, path.name)
+    cfg = str(config_dir)
+    dtype = torch_dtype or torch.float32
+    common = {"config": cfg, "torch_dtype": dtype, "local_files_only": True}
+
+    def clip(cls, subfolder: str, prefix: str):
+        part = ckpt.take(prefix)
+        return create_diffusers_clip_model_from_ldm(cls, checkpoint=part, config=cfg, subfolder=subfolder,
+                                                    torch_dtype=dtype, local_files_only=True)
+
+    parts: dict[str, Any] = {}
+    parts["unet"] = _build("UNet", path.name, lambda: UNet2DConditionModel.from_single_file(
+        ckpt.take(UNET), subfolder="unet", **common))
+    parts["vae"] = _build("VAE", path.name, lambda: AutoencoderKL.from_single_file(
+        ckpt.take(VAE), subfolder="vae", **common))
+    if family == "sdxl":
+        parts["text_encoder"] = _build("text encoder", path.name,
+                                       lambda: clip(CLIPTextModel, "text_encoder", SDXL_TEXT))
+        parts["text_encoder_2"] = _build("second text encoder", path.name,
+                                         lambda: clip(CLIPTextModelWithProjection, "text_encoder_2", SDXL_TEXT_2))
+    else:
+        parts["text_encoder"] = _build("text encoder", path.name,
+                                       lambda: clip(CLIPTextModel, "text_encoder", SD15_TEXT))
+    del ckpt
+
+    try:
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(cfg, subfolder="tokenizer")
+        if family == "sdxl":
+            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(cfg, subfolder="tokenizer_2")
+        scheduler_cls = getattr(diffusers, index["scheduler"][1])
+        parts["scheduler"] = scheduler_cls.from_pretrained(cfg, subfolder="scheduler")
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise StudioError(f"Single-file config folder {config_dir} is incomplete: {e}") from e
+
+    if family == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            **parts, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+            add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    pipe.register_to_config(_name_or_path=str(path))
+    return pipe, family
