@@ -1,7 +1,9 @@
 """Train a LoRA from a YAML config: `python train.py --config my.yaml` — the same code the studio's Train tab runs."""
 
 import argparse
+import signal
 import sys
+import threading
 
 from studio.cli import configure_environment, exit_on_user_error, field_flags_help, tqdm_listener
 
@@ -19,9 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     from studio.events import EventSink
     from studio.loop import train
 
+    stop = threading.Event()
+
+    def on_ctrl_c(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort)...", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
     with exit_on_user_error():
         cfg = load_config(args.config, overrides_from_pairs(args.set))
-        result = train(cfg, EventSink([tqdm_listener()]))
+        result = train(cfg, EventSink([tqdm_listener()]), stop)
     loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
     print(f"{'Stopped' if result.stopped else 'Done'}: step {result.step}/{result.total_steps}{loss}")
     for path in result.files:

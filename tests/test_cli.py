@@ -36,3 +36,23 @@ def test_config_error_is_one_message_without_traceback(tmp_path):
 def test_help_lists_config_keys():
     result = run("--help")
     assert result.returncode == 0 and "lora_rank" in result.stdout and "One of: no, fp16, bf16." in result.stdout
+
+
+def test_ctrl_c_stops_at_a_step_and_keeps_a_checkpoint(demo, tmp_path):
+    import signal
+    import time
+
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(f"preset: demo-image\nbase_model: {demo.sd15}\ntrain_data_dir: {demo.images}\n"
+                   f"output_dir: {tmp_path / 'out'}\nmax_train_steps: 100000\nsave_steps: 0\nsample_prompts: []\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "out" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and '"progress"' not in (events.read_text() if events.is_file() else ""):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Stopped: step" in out and (tmp_path / "out" / "out.safetensors").is_file()
+    assert list((tmp_path / "out" / "checkpoints").glob("step-*"))
