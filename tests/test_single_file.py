@@ -190,7 +190,8 @@ def _meta_models(family):
             "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")),
         }
         if family == "sdxl":
-            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+            config_2 = CLIPTextConfig.from_pretrained(root / "text_encoder_2")
+            models["text_encoder_2"] = CLIPTextModelWithProjection(config_2)
     return models
 
 

@@ -98,7 +98,8 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
 def vae_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     n = len(config["block_out_channels"])
     per = config.get("layers_per_block", 2)
-    prefixes = {f"{part}.{name}.": f"{part}.{name}." for part in ("encoder", "decoder") for name in ("conv_in", "conv_out")}
+    prefixes = {f"{part}.{name}.": f"{part}.{name}."
+                for part in ("encoder", "decoder") for name in ("conv_in", "conv_out")}
     prefixes.update({"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out.",
                      "quant_conv.": "quant_conv.", "post_quant_conv.": "post_quant_conv."})
     resnet_inner = {"conv_shortcut": "nin_shortcut"}

@@ -1,4 +1,4 @@
-"""Single-file Stable Diffusion checkpoints, as A1111 / ComfyUI users keep them (`models/Stable-diffusion/*.safetensors`).
+"""Single-file Stable Diffusion checkpoints, as A1111 / ComfyUI users keep them (models/Stable-diffusion/*.safetensors).
 
 `detect_family(path)` tells SD1.5 from SDXL by the weights' names in the safetensors header (never the file name, never
 the weights themselves). `load_single_file(path)` builds a diffusers pipeline from the file with diffusers' own
