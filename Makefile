@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
-export HF_HUB_OFFLINE ?= 0
 export GRADIO_ANALYTICS_ENABLED := False
 
 .PHONY: run test bench demo clean
