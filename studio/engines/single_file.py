@@ -49,13 +49,17 @@ class _QuietFp32Notice(logging.Filter):
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_QuietFp32Notice())
 
-_CONVERT_HINT = (
-    "Convert it to .safetensors once on a machine where you trust the file, e.g.\n"
-    "  python -c \"import torch, safetensors.torch as st; sd = torch.load('IN.ckpt', map_location='cpu', "
-    "weights_only=False); sd = sd.get('state_dict', sd); "
-    "st.save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, 'OUT.safetensors')\"\n"
-    "(or download the .safetensors version most model pages offer), then set base_model to the new file."
-)
+
+
+def _convert_hint(path: Path) -> str:
+    out = path.with_suffix(".safetensors")
+    return (
+        "convert it to .safetensors once (this unpickles it, so only for a file you trust), e.g.\n"
+        f"  python -c \"import torch, safetensors.torch as st; sd = torch.load(r'{path}', map_location='cpu', "
+        "weights_only=False); sd = sd.get('state_dict', sd); st.save_file({k: v.contiguous() for k, v in "
+        f"sd.items() if isinstance(v, torch.Tensor)}}, r'{out}')\"\n"
+        f"or download the .safetensors version most model pages offer; then set base_model: {out}"
+    )
 
 
 def is_single_file(path: str | Path) -> bool:
@@ -87,7 +91,8 @@ def _refuse_pickle(path: Path) -> StudioError:
     return StudioError(
         f"base_model: {path.name} is a pickle checkpoint ({path.suffix}). Loading a pickle can run arbitrary code "
         f"hidden in the file, so Studio refuses it by default.\n"
-        f"If you trust where it came from, set `allow_unsafe_pickle: true` in the run config. Safer: {_CONVERT_HINT}")
+        f"If you trust where it came from, set `allow_unsafe_pickle: true` in the run config. Better: "
+        f"{_convert_hint(path)}")
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -263,15 +268,16 @@ def _no_meta(model, component: str, name: str) -> None:
                           f"SD1.5/SDXL checkpoint.")
 
 
-def _build(component: str, name: str, fn: Callable[[], Any]) -> Any:
+def _build(component: str, name: str, config_dir: Path, fn: Callable[[], Any]) -> Any:
     try:
         model = fn()
     except StudioError:
         raise
     except (ValueError, RuntimeError, KeyError) as e:
-        raise StudioError(f"base_model: the {component} weights in {name} do not fit its config ({e}). The file "
-                          f"is not a standard checkpoint of the detected family, or config_dir does not match it."
-                          ) from e
+        reason = str(e).split(". If you want", 1)[0].replace("Cannot load  because ", "")
+        raise StudioError(f"base_model: the {component} weights in {name} do not fit the config in {config_dir} "
+                          f"({reason}). The file is not a standard checkpoint of its family, or the config folder "
+                          f"does not match it.") from e
     _no_meta(model, component, name)
     return model
 
@@ -306,17 +312,17 @@ def load_single_file(path: str | Path, *, allow_unsafe_pickle: bool = False, con
                                                     torch_dtype=dtype, local_files_only=True)
 
     parts: dict[str, Any] = {}
-    parts["unet"] = _build("UNet", path.name, lambda: UNet2DConditionModel.from_single_file(
+    parts["unet"] = _build("UNet", path.name, config_dir, lambda: UNet2DConditionModel.from_single_file(
         ckpt.take(UNET), subfolder="unet", **common))
-    parts["vae"] = _build("VAE", path.name, lambda: AutoencoderKL.from_single_file(
+    parts["vae"] = _build("VAE", path.name, config_dir, lambda: AutoencoderKL.from_single_file(
         ckpt.take(VAE), subfolder="vae", **common))
     if family == "sdxl":
-        parts["text_encoder"] = _build("text encoder", path.name,
+        parts["text_encoder"] = _build("text encoder", path.name, config_dir,
                                        lambda: clip(CLIPTextModel, "text_encoder", SDXL_TEXT))
-        parts["text_encoder_2"] = _build("second text encoder", path.name,
+        parts["text_encoder_2"] = _build("second text encoder", path.name, config_dir,
                                          lambda: clip(CLIPTextModelWithProjection, "text_encoder_2", SDXL_TEXT_2))
     else:
-        parts["text_encoder"] = _build("text encoder", path.name,
+        parts["text_encoder"] = _build("text encoder", path.name, config_dir,
                                        lambda: clip(CLIPTextModel, "text_encoder", SD15_TEXT))
     del ckpt
 
