@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from studio.demo.captioners import build_tiny_blip, build_tiny_clip  # auto-label
 from studio.demo.datasets import build_demo_chat, build_demo_images
 from studio.demo.diffusion import build_tiny_sd15, build_tiny_sdxl
 from studio.demo.llm import build_tiny_llama
@@ -34,6 +35,16 @@ class DemoPaths:
     def llama(self) -> Path:
         return self.root / "models" / "tiny-llama"
 
+    # --- auto-label demo models (tools/auto_label.py) ---
+    @property
+    def clip(self) -> Path:
+        return self.root / "models" / "tiny-clip"
+
+    @property
+    def blip(self) -> Path:
+        return self.root / "models" / "tiny-blip"
+    # --- end auto-label ---
+
     @property
     def images(self) -> Path:
         return self.root / "datasets" / "demo-shapes"
@@ -44,7 +55,8 @@ class DemoPaths:
 
     def builders(self) -> dict[Path, Callable[[Path], Path]]:
         return {self.sd15: build_tiny_sd15, self.sdxl: build_tiny_sdxl, self.llama: build_tiny_llama,
-                self.images: build_demo_images, self.chat: build_demo_chat}
+                self.images: build_demo_images, self.chat: build_demo_chat,
+                self.clip: build_tiny_clip, self.blip: build_tiny_blip}  # auto-label
 
 
 def ensure_demo(workspace_root: str | Path) -> DemoPaths:
