@@ -1,0 +1,78 @@
+"""Auto-labelling throughput on the tiny CLIP and BLIP models: images/s per mode, batch 1 vs batch 8.
+
+Measures `auto_label` end to end after the models are loaded (decode, preprocess, forward, caption composition);
+model loading is reported separately. The tiny models make this a measure of the pipeline's own overhead and of what
+batching saves, not of real CLIP/BLIP speed.
+
+Run: `.venv/bin/python bench/auto_label.py` (add --write to update bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models only: never wait on a hub lookup
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.results import update_results  # noqa: E402
+from studio.data.captioning import MODES, auto_label  # noqa: E402
+from studio.demo import ensure_demo  # noqa: E402
+from studio.demo.datasets import COLOURS, SHAPES, draw_shape  # noqa: E402
+
+IMAGES, SIDE, REPEATS, BATCHES = 32, 256, 5, (1, 8)
+
+
+def make_images(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(IMAGES):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        draw_shape(shape, colour, (SIDE, SIDE)).save(folder / f"{i:03d}_{colour}_{shape}.png")
+    return folder
+
+
+def measure(folder: Path, demo, mode: str, batch_size: int) -> tuple[float, float]:
+    """(images/s, seconds of set-up before the first image: loading models, embedding the vocabulary), medians."""
+    rates, setups = [], []
+    for _ in range(REPEATS):
+        begin, started = time.perf_counter(), []
+
+        def progress(done: int, total: int, images_per_s: float) -> None:
+            if done == 0:  # auto_label reports 0 done once its models are ready
+                started.append(time.perf_counter())
+
+        report = auto_label(folder, mode=mode, batch_size=batch_size, overwrite=True, clip_model=str(demo.clip),
+                            blip_model=str(demo.blip), progress=progress)
+        rates.append(report.images_per_s)
+        setups.append(started[0] - begin)
+    return statistics.median(rates), statistics.median(setups)
+
+
+def main() -> str:
+    tmp = Path(tempfile.mkdtemp())
+    demo = ensure_demo(tmp / "ws")
+    folder = make_images(tmp / "images")
+    auto_label(folder, batch_size=8, clip_model=str(demo.clip), blip_model=str(demo.blip))  # warm-up: imports, caches
+    lines = [f"{IMAGES} PNGs of {SIDE}x{SIDE} px, tiny CLIP + tiny BLIP (32 px input), on "
+             f"{'cuda' if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; median of {REPEATS} runs, set-up excluded from img/s.", "",
+             "| mode | batch 1 | batch 8 | batch 8 / batch 1 | set-up (load models, embed vocabulary) |",
+             "|---|---|---|---|---|"]
+    for mode, title in MODES.items():
+        (single, setup), (batched, _) = (measure(folder, demo, mode, batch) for batch in BATCHES)
+        lines.append(f"| {mode} ({title}) | {single:.1f} img/s | {batched:.1f} img/s | {batched / single:.2f}x | "
+                     f"{setup * 1000:.0f} ms |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    report = main()
+    print(report)
+    if "--write" in sys.argv:
+        update_results("auto_label", report)
