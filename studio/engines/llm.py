@@ -1,0 +1,203 @@
+"""Causal LM chat LoRA / QLoRA (Llama, Qwen, Mistral, ...) via transformers + peft, optionally 4-bit bitsandbytes.
+
+The data is tokenized once at load (studio.data.text): every batch is ready token ids, labels (assistant tokens
+only by default) and positions. The loop does the rest (precision, accumulation, checkpoints, resume).
+
+Outputs: `output_dir/<name>/` is a peft adapter folder (adapter_model.safetensors, adapter_config.json, tokenizer
+files) that `PeftModel.from_pretrained(base, folder)` loads; with save_merged_model, `output_dir/<name>-merged/` is
+the base model with the adapter merged in, a plain transformers folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
+
+from studio.data.text import (collate, ensure_chat_template, pack, raise_problems, read_dataset,
+                              tokenize_records)
+from studio.engines.base import Engine, Sample
+from studio.engines.llm_models import load_causal_lm, load_tokenizer, pad_token_id
+from studio.errors import StudioError
+from studio.export.peft_merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, save_adapter
+from studio.preview.chat import generate_reply
+
+ALL_LINEAR = "all-linear"
+
+
+class LLMEngine(Engine):
+    # Asking for 4-bit without CUDA is a user error (bitsandbytes' CPU backend is far too slow for real models);
+    # tests switch this off to exercise the QLoRA path on the CPU.
+    four_bit_needs_cuda = True
+
+    # --- setup -------------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        cfg = self.cfg
+        if cfg.load_in_4bit and self.four_bit_needs_cuda and self.device.type != "cuda":
+            raise StudioError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels run there. Set "
+                              "load_in_4bit: false to train the model in 16/32-bit here (use a smaller model if "
+                              "memory is short), or train on a machine with an NVIDIA GPU.")
+        report = read_dataset(cfg.train_data_dir, cfg.data_format, cfg.system_prompt)
+        report.raise_if_problems()  # before the model loads: a broken dataset fails in a second, not minutes
+        self.tokenizer = load_tokenizer(cfg.base_model)
+        if ensure_chat_template(self.tokenizer):
+            self.events.emit("log", message=f"{cfg.base_model} has no chat template; using the default "
+                                            "<|role|> template (saved with the adapter).")
+        self.examples = self._tokenize(report.records)
+        self.model = self._load_model()
+        if cfg.init_lora:
+            self._load_init_lora(Path(cfg.init_lora))
+
+    def _tokenize(self, records) -> list:
+        cfg = self.cfg
+        data = tokenize_records(records, self.tokenizer, cfg.max_length, cfg.train_on_prompt)
+        raise_problems(data.problems)
+        if not data.examples:
+            raise_problems([f"{cfg.train_data_dir}: no sample has answer tokens within max_length={cfg.max_length}."
+                            " Raise max_length."])
+        summary = data.summary(cfg.max_length)
+        if summary:
+            self.events.emit("log", message=summary, truncated=data.truncated, split=data.split,
+                             dropped=data.dropped)
+        examples = pack(data.examples, cfg.max_length) if cfg.packing else data.examples
+        tokens = sum(len(e) for e in examples)
+        self.events.emit("log", message=f"{len(data.examples)} samples, {tokens} tokens"
+                         + (f", packed into {len(examples)} rows of <= {cfg.max_length}" if cfg.packing else "") + ".")
+        return examples
+
+    def _load_model(self) -> PeftModel:
+        cfg = self.cfg
+        # Frozen weights in the autocast dtype on GPUs (half the memory); the CPU keeps fp32.
+        dtype = self.autocast if (self.autocast and self.device.type == "cuda") else torch.float32
+        model = load_causal_lm(cfg.base_model, dtype=dtype, device=self.device, load_in_4bit=cfg.load_in_4bit,
+                               compute_dtype=self.autocast or torch.bfloat16)
+        checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}  # works with frozen inputs
+        if cfg.load_in_4bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    **checkpointing)
+        elif cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(**checkpointing)
+        model.requires_grad_(False)
+        self.target_modules = target_modules(model, cfg.target_modules)
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+        try:
+            return get_peft_model(model, lora)  # LoRA weights stay fp32 whatever the base dtype (peft's default)
+        except ValueError as exc:
+            raise StudioError(f"Cannot attach LoRA: {exc}. Set target_modules to module names of this model, or "
+                              f"[{ALL_LINEAR}].") from None
+
+    def _load_init_lora(self, path: Path) -> None:
+        """Start from an existing peft adapter (its folder or adapter_model.safetensors) trained with this shape."""
+        file = path / ADAPTER_WEIGHTS if path.is_dir() else path
+        if file.suffix != ".safetensors" or not file.is_file():
+            raise StudioError(f"init_lora {path} must be a peft adapter folder (with {ADAPTER_WEIGHTS}) or that "
+                              ".safetensors file.")
+        theirs, ours = load_file(str(file)), self.adapter_state()
+        missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        if missing or extra:
+            example = (missing or extra)[0]
+            raise StudioError(f"init_lora {file.name} was trained on other modules than this run "
+                              f"({len(missing)} missing, {len(extra)} unexpected weights, e.g. {example}). Use "
+                              "the target_modules it was trained with.")
+        for key, weight in theirs.items():
+            if weight.shape != ours[key].shape:
+                rank = weight.shape[0] if ".lora_A." in key else weight.shape[1]
+                raise StudioError(f"init_lora {file.name} has rank {rank}; this run has lora_rank "
+                                  f"{self.cfg.lora_rank}. Set lora_rank: {rank}.")
+        their_scale = _their_scale(file.parent / ADAPTER_CONFIG)
+        factor = their_scale / (self.cfg.effective_alpha / self.cfg.lora_rank) if their_scale else 1.0
+        if factor != 1.0:
+            # Fold the file's alpha/rank into lora_B so the adapter's effect is unchanged under this run's alpha.
+            theirs = {k: v * factor if ".lora_B." in k else v for k, v in theirs.items()}
+        self.load_adapter_state(theirs)
+        self.events.emit("log", message=f"Initialised LoRA from {file} ({len(theirs)} tensors).")
+
+    # --- data --------------------------------------------------------------------------------------------------------
+    def num_samples(self) -> int:
+        return len(self.examples)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(
+            self.cfg.seed * 100_003 + epoch)).tolist()
+        size = self.cfg.batch_size
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def collate(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
+        return collate([self.examples[i] for i in indices], pad_token_id(self.tokenizer))
+
+    # --- training ----------------------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        # use_cache=False: no KV cache in training (and a cache would turn off the packed-sequence masking).
+        return self.model(**batch, use_cache=False).loss
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.learning_rate}]
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    # --- weights -----------------------------------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(self.model)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(self.model, state)
+        if result.unexpected_keys:
+            raise StudioError(f"Adapter weights do not fit this model: unexpected {result.unexpected_keys[:3]}.")
+
+    def export(self, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+        adapter = save_adapter(self.model, self.tokenizer, out_dir / self.cfg.name, metadata)
+        files = [adapter]
+        if self.cfg.save_merged_model:
+            self.events.emit("log", message="Merging the adapter into the base model...")
+            files.append(merge_adapter(adapter, out_dir / f"{self.cfg.name}-merged", base_model=self.cfg.base_model))
+        return files
+
+    def sample(self, prompts: list[str], out_dir: Path, step: int) -> list[Sample]:
+        samples = []
+        for prompt in prompts:
+            system = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                reply = generate_reply(self.model, self.tokenizer, system + [{"role": "user", "content": prompt}])
+            samples.append(Sample(prompt, text=reply))
+        return samples
+
+    def describe(self) -> dict[str, str]:
+        targets = self.target_modules if isinstance(self.target_modules, str) else ",".join(self.target_modules)
+        return {"studio_model_type": self.model.config.model_type, "studio_target_modules": targets,
+                "studio_load_in_4bit": str(self.cfg.load_in_4bit).lower()}
+
+
+def target_modules(model: torch.nn.Module, requested: list[str] | None) -> list[str] | str:
+    """The modules LoRA adapts: the config's list, peft's 'all-linear', or by default the attention projections.
+
+    The default is found from the model itself (the linear layers inside each attention block: q/k/v/o_proj in
+    Llama, Qwen and Mistral; qkv_proj/o_proj in Phi-3; c_attn/c_proj in GPT-2), so any architecture works.
+    """
+    if requested == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if requested:
+        return list(requested)
+    names = set()
+    for module in model.modules():
+        if "attention" in type(module).__name__.lower():
+            names |= {name for name, child in module.named_children() if isinstance(child, (torch.nn.Linear, Conv1D))}
+    if not names:
+        raise StudioError(f"Could not find the attention projections of this {model.config.model_type} model. Set "
+                          f"target_modules to their names, or [{ALL_LINEAR}].")
+    return sorted(names)
+
+
+def _their_scale(config_path: Path) -> float | None:
+    """alpha/rank of an adapter from its adapter_config.json, or None without one."""
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    return float(config["lora_alpha"]) / float(config["r"])
