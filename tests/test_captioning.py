@@ -1,6 +1,7 @@
 """Auto-labelling (issue #5) on the tiny random-weight CLIP and BLIP models: library, CLI, files on disk."""
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from studio.errors import StudioError
 
 ROOT = Path(__file__).resolve().parent.parent
 HAND_EDIT = 'my "favourite" one, hand-written, with commas'
+OPEN_CLIP_USABLE, OPEN_CLIP_REASON = available_backends()["open_clip"]
 
 
 @pytest.fixture
@@ -98,7 +100,7 @@ def test_images_become_rgb_with_transparency_on_white(tmp_path):
     assert list(captioning.load_rgb(tmp_path / "grey.png").getdata()) == [(90, 90, 90)] * 2
 
 
-# --- the library -------------------------------------------------------------------------------------------------------
+# --- the library -----------------------------------------------------------------------------------------------------
 
 def test_labels_mixed_folder_skips_unreadable_and_reports_progress(demo, mixed):
     calls = []
@@ -184,17 +186,39 @@ def test_bad_options_are_user_errors(demo, mixed, tmp_path):
         auto_label(mixed.parent, **models(demo))  # holds only the folder
 
 
-def test_open_clip_backend_is_detected_at_run_time(demo, mixed):
-    usable, reason = available_backends()["open_clip"]
-    assert reason and available_backends()["clip"][0] and available_backends()["blip"][0]
-    if usable:
-        pytest.skip("open_clip imports here; its labelling needs a downloaded LAION model")
+def test_backends_say_what_is_usable():
+    backends = available_backends()
+    assert backends["clip"][0] and backends["blip"][0] and set(backends) == {"clip", "open_clip", "blip"}
+    assert all(isinstance(usable, bool) and reason for usable, reason in backends.values())
+
+
+@pytest.mark.skipif(OPEN_CLIP_USABLE, reason="open_clip imports here")
+def test_open_clip_missing_is_a_clear_error_only_when_tagging(demo, mixed):
     with pytest.raises(StudioError, match="open_clip backend is not available here: open_clip cannot be imported"):
         auto_label(mixed, mode="tags", clip_backend="open_clip")
     auto_label(mixed, mode="caption", clip_backend="open_clip", **models(demo))  # captions alone never need it
 
 
-# --- the command line --------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not OPEN_CLIP_USABLE, reason=OPEN_CLIP_REASON)
+def test_open_clip_tags_from_a_local_folder(mixed, tmp_path):
+    import open_clip
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                                           "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    folder = tmp_path / "tiny-open-clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.save(open_clip.CLIP(**cfg).state_dict(), folder / "open_clip_pytorch_model.bin")
+    report = auto_label(mixed, mode="tags", clip_backend="open_clip", clip_model=str(folder), threshold=-1.0,
+                        device="cpu")
+    assert len(report.labelled) == 8 and all(len(c.split(", ")) == 8 for c in report.labelled.values())
+    with pytest.raises(StudioError, match="open_clip model 'studio-tests/no-such-clip' is not downloaded"):
+        auto_label(mixed, mode="tags", clip_backend="open_clip", clip_model="studio-tests/no-such-clip",
+                   overwrite=True)
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
 
 def test_cli_writes_metadata_and_lists_skipped(demo, mixed):
     result = run_cli("--input", mixed, "--output", mixed / "metadata.csv", "--clip-model", demo.clip, "--blip-model",

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="folder of images (.jpg .jpeg .png .webp .bmp)")
     parser.add_argument("--output", help="metadata.csv to write (default INPUT/metadata.csv); with --format txt, "
                                          "the folder for the sidecars (default INPUT)")
-    parser.add_argument("--mode", default=cap.DEFAULT_MODE, choices=cap.MODES, help="what to write (default: %(default)s)")
+    parser.add_argument("--mode", default=cap.DEFAULT_MODE, choices=cap.MODES, help="default: %(default)s")
     parser.add_argument("--format", default="csv", choices=cap.FORMATS, help="csv: metadata.csv; txt: kohya sidecars")
     parser.add_argument("--overwrite", action="store_true", help="replace existing captions too")
     parser.add_argument("--trigger", default="", help="word put first in every new caption")

@@ -23,6 +23,7 @@ from studio.data.tagging import VOCAB_DIR, load_vocabulary
 from studio.errors import StudioError
 from studio.hardware import pick_device
 
+# A mode names what it writes; the run loads BLIP when it holds "caption" and CLIP when it holds "tags".
 MODES = {"caption+tags": "BLIP caption + CLIP tags", "caption": "BLIP caption", "tags": "CLIP tags"}
 FORMATS = {"csv": "metadata.csv (filename,prompt)", "txt": "a .txt sidecar per image (kohya)"}
 CLIP_BACKENDS = {"clip": TransformersClip, "open_clip": OpenClip}
@@ -73,8 +74,8 @@ def auto_label(input_dir: str | Path, output: str | Path | None = None, *, mode:
     images = _images_in(input_dir)
     target = Path(output) if output else (input_dir / "metadata.csv" if output_format == "csv" else input_dir)
     existing = _read_existing(target, output_format, images)
-    todo = [path for path in images if overwrite or not existing.get(path.name)]
-    report = LabelReport(target, kept=[path.name for path in images if path not in todo])
+    todo = [path for path in images if overwrite or not existing.get(path.name)]  # an empty caption counts as none
+    report = LabelReport(target, kept=[path.name for path in images if not overwrite and existing.get(path.name)])
     if output_format == "txt" and (input_dir / "metadata.csv").is_file():
         report.notes.append(f"Note: {input_dir / 'metadata.csv'} exists; training reads it instead of .txt sidecars.")
     if not todo:
@@ -110,8 +111,10 @@ def _check_options(mode: str, output_format: str, clip_backend: str, batch_size:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise StudioError(f"Unknown {name} '{value}'. Allowed: {', '.join(allowed)}.")
-    if batch_size < 1 or max_tags < 0:
-        raise StudioError(f"batch size must be at least 1 (got {batch_size}) and max tags at least 0 (got {max_tags}).")
+    if batch_size < 1:
+        raise StudioError(f"The batch size must be at least 1 (got {batch_size}).")
+    if max_tags < 0:
+        raise StudioError(f"The maximum number of tags must be at least 0 (got {max_tags}).")
     usable, reason = available_backends()[clip_backend]
     if "tags" in mode and not usable:
         raise StudioError(f"The {clip_backend} backend is not available here: {reason}")
@@ -173,9 +176,11 @@ def _label_all(paths: list[Path], label: Callable[[list[Image.Image]], list[str]
 def _readable(paths: list[Path], report: LabelReport) -> Iterator[tuple[str, Image.Image]]:
     for path in paths:
         try:
-            yield path.name, load_rgb(path)
+            image = load_rgb(path)
         except UNREADABLE as exc:
             report.skipped[path.name] = f"cannot be read as an image ({exc})"
+            continue
+        yield path.name, image
 
 
 def _report_progress(progress: Progress | None, report: LabelReport, total: int, reported: int) -> int:

@@ -97,8 +97,9 @@ class OpenClip:
         name = f"local-dir:{model_id}" if Path(model_id).expanduser().is_dir() else f"hf-hub:{model_id}"
         precision = "pure_fp16" if dtype == torch.float16 else "fp32"
         try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, device=device,
-                                                                                   precision=precision)
+            # require_pretrained: without it, missing weights give a randomly initialised model and nonsense tags.
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, device=device, precision=precision, require_pretrained=True)
             self.tokenizer = open_clip.get_tokenizer(name)
         except (OSError, RuntimeError, ValueError) as exc:
             raise missing_model_error("open_clip", model_id, exc) from None

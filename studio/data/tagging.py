@@ -18,7 +18,7 @@ VOCAB_DIR = Path(__file__).resolve().parent / "tag_vocab"
 
 
 def load_vocabulary(folder: str | Path = VOCAB_DIR) -> list[str]:
-    """Every phrase in the folder's .txt files, in file then line order; blank lines, `#` comments and repeats skipped."""
+    """Every phrase in the folder's .txt files in file and line order; blank lines, `#` comments, repeats skipped."""
     folder = Path(folder)
     files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
     phrases = []
