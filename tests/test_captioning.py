@@ -46,6 +46,7 @@ def mixed(demo, tmp_path):
 
 
 def models(demo) -> dict:
+    """The tiny models; threshold -1 keeps every top tag (random weights give near-zero similarities)."""
     return {"clip_model": str(demo.clip), "blip_model": str(demo.blip), "threshold": -1.0}
 
 
