@@ -1,0 +1,158 @@
+"""What every tab shares: the workspace, the demo models, the one training job, and the previewers.
+
+One `Studio` per process (the GPU is one resource, so every browser tab sees the same job). The UI reads and writes
+only inside the workspace: every path from the browser goes through `Studio.dataset_path` / `Studio.run` /
+`Workspace.resolve`; base-model paths are the one exception, because the user types them.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from studio.config import IMAGE_TASK, RunConfig, parse_yaml
+from studio.demo import DemoPaths
+from studio.errors import StudioError
+from studio.events import FINAL_KINDS, read_events
+from studio.jobs import JobRunner
+from studio.workspace import Workspace, check_name
+
+DEMO_LABEL = " (demo)"
+
+
+@dataclass
+class RunInfo:
+    """A run folder in workspace/runs, as the Preview and Export tabs need it."""
+    name: str
+    folder: Path
+    task_type: str = IMAGE_TASK
+    base_model: str = ""
+    adapter: Path | None = None  # the exported LoRA file (image) or adapter folder (LLM); None while unfinished
+    status: str = "unknown"  # running, done, stopped, failed, or unknown (no events yet)
+
+    @property
+    def is_image(self) -> bool:
+        return self.task_type == IMAGE_TASK
+
+
+@dataclass
+class Studio:
+    workspace: Workspace
+    demo: DemoPaths | None = None
+    jobs: JobRunner = field(default_factory=JobRunner)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _chat: dict = field(default_factory=dict)  # (base, adapter) -> chat previewer
+
+    # --- datasets ----------------------------------------------------------------------------------------------------
+    def dataset_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs; the value is the folder relative to the workspace root."""
+        own = [(name, f"datasets/{name}") for name in self.workspace.list_dirs(self.workspace.datasets)]
+        demo = []
+        if self.demo:
+            folder = self.demo.images.parent
+            demo = [(name + DEMO_LABEL, str(Path(folder / name).relative_to(self.workspace.root)))
+                    for name in self.workspace.list_dirs(folder)]
+        return own + demo
+
+    def dataset_path(self, value: str) -> Path:
+        """The dataset folder for a dropdown value; only workspace datasets (and the demo's) are accepted."""
+        if not value:
+            raise StudioError("Pick a dataset first (or create one).")
+        path = self.workspace.resolve(value)
+        allowed = [self.workspace.datasets] + ([self.demo.images.parent] if self.demo else [])
+        if path.parent not in allowed or not path.is_dir():
+            raise StudioError(f"{value} is not a dataset of this workspace. Pick one from the list.")
+        return path
+
+    def create_dataset(self, name: str) -> str:
+        path = self.workspace.dataset_dir(check_name(name, "dataset name"))
+        if path.exists():
+            raise StudioError(f"A dataset called '{path.name}' already exists. Pick it from the list or use "
+                              "another name.")
+        path.mkdir(parents=True)
+        return f"datasets/{path.name}"
+
+    # --- models --------------------------------------------------------------------------------------------------------
+    def model_choices(self, image: bool) -> list[tuple[str, str]]:
+        """Base models to offer: the demo's and those that workspace runs used (the user may type any other)."""
+        choices: dict[str, str] = {}
+        if self.demo:
+            demo = [self.demo.sd15, self.demo.sdxl] if image else [self.demo.llama]
+            choices.update({str(p): p.name + DEMO_LABEL for p in demo})
+        for run in self.runs():
+            if run.is_image == image and run.base_model:
+                choices.setdefault(run.base_model, Path(run.base_model).name)
+        return [(label, value) for value, label in choices.items()]
+
+    # --- runs ----------------------------------------------------------------------------------------------------------
+    def runs(self) -> list[RunInfo]:
+        return [self.run(name) for name in self.workspace.list_dirs(self.workspace.runs)
+                if (self.workspace.runs / name / "config.yaml").is_file()]
+
+    def run_choices(self, image: bool | None = None, finished: bool = False) -> list[str]:
+        return [r.name for r in self.runs()
+                if (image is None or r.is_image == image) and (not finished or r.adapter is not None)]
+
+    def run(self, name: str) -> RunInfo:
+        if not name:
+            raise StudioError("Pick a run first (train one in the Train tab).")
+        folder = self.workspace.run_dir(name)
+        config = folder / "config.yaml"
+        if not config.is_file():
+            raise StudioError(f"There is no run called '{name}' in {self.workspace.runs}.")
+        data = parse_yaml(config.read_text(encoding="utf-8"), str(config))
+        info = RunInfo(name, folder, data.get("task_type") or IMAGE_TASK, str(data.get("base_model") or ""))
+        events = read_events(folder / "events.jsonl")
+        finals = [e for e in events if e.kind in FINAL_KINDS]
+        snapshot = self.jobs.snapshot()
+        if self.jobs.running and Path(snapshot.output_dir or "/").resolve() == folder:
+            info.status = "running"
+        elif finals:
+            info.status = finals[-1].kind
+        if finals and info.status != "running":  # the first file of the last outcome is the adapter
+            files = [Path(f) for f in finals[-1].data.get("files", [])]
+            info.adapter = next((f for f in files if f.exists() and self._inside(f)), None)
+        return info
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            self.workspace.resolve(path)
+            return True
+        except StudioError:
+            return False
+
+    # --- configs -------------------------------------------------------------------------------------------------------
+    def check_confined(self, cfg: RunConfig) -> None:
+        """Runs started from the UI read data from and write outputs to the workspace only."""
+        for key in ("train_data_dir", "metadata_path", "output_dir", "logging_dir", "init_lora"):
+            value = getattr(cfg, key)
+            if value:
+                try:
+                    self.workspace.resolve(value)
+                except StudioError:
+                    raise StudioError(f"'{key}' is {value}, outside the workspace ({self.workspace.root}). In the "
+                                      "studio, data and outputs live in the workspace; use train.py for other "
+                                      "places.") from None
+
+    # --- shared heavy objects, loaded on first use --------------------------------------------------------------------
+    @cached_property
+    def hardware(self):
+        from studio.hardware import detect  # imports torch: not on the start-up path
+        return detect()
+
+    @cached_property
+    def image_previewer(self):
+        from studio.preview.images import ImagePreviewer
+        return ImagePreviewer()
+
+    def chat_previewer(self, base_model: str, adapter: str):
+        """One chat previewer per (base model, adapter); the last one is kept (an LLM is large)."""
+        from studio.preview.chat import ChatPreview
+        key = (base_model, adapter)
+        with self._lock:
+            if key not in self._chat:
+                self._chat.clear()
+                self._chat[key] = ChatPreview(adapter, base_model or None)
+            return self._chat[key]
