@@ -10,7 +10,7 @@ def test_hub_id_offline_says_to_download(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(StudioError) as err:
         load_sd_pipeline("someone/not-cached-model")
-    assert "huggingface-cli download someone/not-cached-model" in str(err.value)
+    assert "hf download someone/not-cached-model" in str(err.value)
 
 
 def test_folder_that_is_not_a_diffusers_model(tmp_path):

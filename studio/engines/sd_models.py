@@ -37,7 +37,7 @@ def load_sd_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False,
         raise StudioError(
             f"Could not load the base model '{base_model}': {str(exc).splitlines()[0]}\n"
             "Give a local diffusers folder or a .safetensors checkpoint, or download the model first "
-            f"(`huggingface-cli download {base_model} --local-dir models/{Path(base_model).name}`) on a machine "
+            f"(`hf download {base_model} --local-dir models/{Path(base_model).name}`) on a machine "
             "with internet access.") from None
     if type(pipe).__name__ not in SUPPORTED_CLASSES:
         raise StudioError(f"'{base_model}' is a {type(pipe).__name__}; LoRA Studio trains Stable Diffusion 1.x "
