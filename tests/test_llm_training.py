@@ -185,7 +185,7 @@ def test_qlora_path_trains_in_4bit(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(LLMEngine, "param_groups", spy)
     events = []
     run = train(llm_config(demo, tmp_path / "q", load_in_4bit=True, max_train_steps=20, sample_every_steps=0,
-                           save_merged_model=True), EventSink([events.append]))
+                           gradient_checkpointing=True, save_merged_model=True), EventSink([events.append]))
     losses = [e.data["loss"] for e in events if e.kind == "progress"]
     assert seen["4bit"] == 14 and losses[-1] < losses[0] - 0.5  # 7 linear layers x 2 blocks are NF4
     assert (run.files[0] / "adapter_model.safetensors").is_file() and (run.files[1] / "config.json").is_file()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from studio.data.text import (IGNORE, TextDatasetError, collate, pack, raise_problems, read_dataset,
-                              tokenize_records)
+from studio.data.text import (IGNORE, TextDatasetError, collate, ensure_chat_template, pack, raise_problems,
+                              read_dataset, tokenize_records)
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What do bees make?"},
         {"role": "assistant", "content": "Honey."}]
@@ -174,6 +174,17 @@ def test_templates_that_rewrite_history_still_mask_correctly(tmp_path, tok):
     write(tmp_path, "c.jsonl", [{"messages": convo}])
     example = tokenize_records(read_dataset(tmp_path).records, rewriting, 256).examples[0]
     assert trained_text(rewriting, example) == "Honey.<|end|>\n<think></think>Milk.<|end|>\n"
+
+
+def test_default_template_for_tokenizers_without_one(tmp_path, tok):
+    base = AutoTokenizer.from_pretrained(tok.name_or_path)
+    base.chat_template = None
+    assert ensure_chat_template(base) and not ensure_chat_template(base)
+    write(tmp_path, "c.jsonl", [{"messages": CHAT}])
+    example = tokenize_records(read_dataset(tmp_path).records, base, 256).examples[0]
+    assert tok.decode(example.input_ids) == ("<|system|>\nBe brief.\n<|user|>\nWhat do bees make?\n"
+                                             "<|assistant|>\nHoney.<|end|>\n")
+    assert trained_text(base, example) == "Honey.<|end|>\n"  # the reply ends with EOS: the model learns to stop
 
 
 def test_template_errors_are_reported_per_sample(tmp_path, tok):

@@ -347,9 +347,10 @@ def tokenize_records(records: list[Record], tokenizer, max_length: int, train_on
 
 
 def _document_pieces(text: str, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    ids = tokenizer(text).input_ids  # with the tokenizer's BOS, if it uses one
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]  # documents end, so the model learns where
+    ids = tokenizer(text).input_ids  # with the tokenizer's BOS (and EOS), if it adds them
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids[-1:] != [eos]:
+        ids = ids + [eos]  # documents end, so the model learns where
     return [(ids[i:i + max_length], ids[i:i + max_length]) for i in range(0, len(ids), max_length)]
 
 

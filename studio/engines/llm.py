@@ -67,7 +67,8 @@ class LLMEngine(Engine):
         examples = pack(data.examples, cfg.max_length) if cfg.packing else data.examples
         tokens = sum(len(e) for e in examples)
         self.events.emit("log", message=f"{len(data.examples)} samples, {tokens} tokens"
-                         + (f", packed into {len(examples)} rows of <= {cfg.max_length}" if cfg.packing else "") + ".")
+                         + (f", packed into {len(examples)} rows of <= {cfg.max_length}" if cfg.packing else "") + ".",
+                         samples=len(data.examples), rows=len(examples), tokens=tokens)
         return examples
 
     def _load_model(self) -> PeftModel:
@@ -82,7 +83,6 @@ class LLMEngine(Engine):
                                                     **checkpointing)
         elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(**checkpointing)
-        model.requires_grad_(False)
         self.target_modules = target_modules(model, cfg.target_modules)
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=self.target_modules, task_type="CAUSAL_LM")

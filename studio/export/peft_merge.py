@@ -87,7 +87,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as exc:
         raise StudioError(f"The adapter {adapter_dir} does not fit the base model {base_model} "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Use the base it was trained on.") from None
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                          "Use the base it was trained on.") from None
     tokenizer = adapter_tokenizer(adapter_dir, base_model)
     with _atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)

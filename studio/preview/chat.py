@@ -57,7 +57,8 @@ class ChatPreview:
     def _load(self) -> tuple[PeftModel, object]:
         if self._model is None:
             # Half precision on GPUs (bf16 where the card has it); the CPU computes in fp32.
-            dtype = (torch.bfloat16 if detect().bf16 else torch.float16) if self.device.type == "cuda" else torch.float32
+            half = torch.bfloat16 if detect().bf16 else torch.float16
+            dtype = half if self.device.type == "cuda" else torch.float32
             base = load_causal_lm(self.base_model, dtype=dtype, device=self.device)
             self._tokenizer = adapter_tokenizer(self.adapter_dir, self.base_model)
             self._model = PeftModel.from_pretrained(base, str(self.adapter_dir)).eval()
