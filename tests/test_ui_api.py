@@ -1,5 +1,6 @@
-"""The studio driven through its API (gradio_client), over the whole demo flow: dataset → config → train → preview →
-export, for the image and the LLM demo. The app runs in-process on 127.0.0.1 with the session's demo workspace."""
+"""The studio driven through its API (gradio_client), over the whole demo flow: dataset → config → train →
+preview → export, for the image and the LLM demo. The app runs in-process on 127.0.0.1 over the session's demo
+workspace."""
 
 import socket
 import time
@@ -44,7 +45,7 @@ def wait_for_job(client, until=("done", "stopped", "failed"), timeout=120.0, ste
 
 def fill(client, preset, dataset, base, run):
     status, text, reasons, memory = client.predict(preset, dataset, base, run, api_name="/fill_config")
-    assert status.startswith("✅"), status
+    assert status.startswith("✔"), status
     return text, reasons, memory
 
 
@@ -62,7 +63,7 @@ def test_dataset_upload_auto_label_and_caption_edit(app, demo):
     status, _ = client.predict("../escape", api_name="/create_dataset")
     assert "not a valid dataset name" in status
     status, picked = client.predict("shapes", api_name="/create_dataset")
-    assert status.startswith("✅") and value_of(picked) == "datasets/shapes"
+    assert status.startswith("✔") and value_of(picked) == "datasets/shapes"
     images = sorted(demo.images.glob("*.png"))[:4]
     status, gallery, table, report = client.predict("datasets/shapes", [handle_file(str(p)) for p in images],
                                                     api_name="/upload_files")
@@ -72,14 +73,14 @@ def test_dataset_upload_auto_label_and_caption_edit(app, demo):
     status, gallery, table, report = client.predict("datasets/shapes", "caption+tags", False, "shp",
                                                     str(demo.clip), str(demo.blip), api_name="/auto_label")
     assert "Labelled 4 image(s)" in status, status
-    assert report.startswith("✅") and "4 image(s)" in report
+    assert report.startswith("✔") and "4 image(s)" in report
     rows = table["data"]
     assert len(rows) == 4 and all(caption.startswith("shp") for _, caption in rows)
 
     rows[0][1] = "a hand-written caption, with a comma"
     status, _, table, _ = client.predict("datasets/shapes", {"headers": ["filename", "caption"], "data": rows},
                                          api_name="/save_captions")
-    assert status.startswith("✅"), status
+    assert status.startswith("✔"), status
     metadata = (studio.workspace.datasets / "shapes" / "metadata.csv").read_text(encoding="utf-8")
     assert '"a hand-written caption, with a comma"' in metadata
     assert ["a hand-written caption, with a comma"] == [c for f, c in table["data"] if f == rows[0][0]]
@@ -107,7 +108,7 @@ def test_config_fill_validate_save_load(app, demo):
     assert "outside the workspace" in status
 
     status, saved = client.predict("my_style", text, api_name="/save_config")
-    assert status.startswith("✅") and value_of(saved) == "my_style"
+    assert status.startswith("✔") and value_of(saved) == "my_style"
     status, loaded, name = client.predict("my_style", api_name="/load_config")
     assert loaded == text and name == "my_style"
 
@@ -117,23 +118,23 @@ def test_image_flow_train_preview_export(app, demo, tmp_path):
     text, _, memory = fill(client, "demo-image", "datasets/shapes", str(demo.sd15), "shapes-lora")
     assert "runs in system RAM" in memory or "card" in memory
     status = client.predict(text, api_name="/start_training")
-    assert status.startswith("✅"), status
+    assert status.startswith("✔"), status
     state = wait_for_job(client)
     assert state["status"] == "done", state
     assert state["step"] == state["total"] == 20 and len(state["losses"]) == 20
     assert any("[start]" in line for line in state["log"]) and state["samples"]  # progress events and samples
     adapter = studio.workspace.runs / "shapes-lora" / "shapes-lora.safetensors"
     assert state["files"][0] == str(adapter) and adapter.is_file()
-    assert client.predict(text, api_name="/start_training").startswith("❌")  # the run folder is taken
+    assert client.predict(text, api_name="/start_training").startswith("✖")  # the run folder is taken
 
     args = dict(base="", lora2="", strength2=1.0, lora3="", strength3=1.0, prompt="a red circle", negative="",
                 seed=3, steps=4, api_name="/generate_image")
     status, half = client.predict(lora1="shapes-lora", strength1=0.5, **args)
-    assert status.startswith("✅"), status
+    assert status.startswith("✔"), status
     _, full = client.predict(lora1="shapes-lora", strength1=1.0, **args)
     assert np.abs(pixels(half) - pixels(full)).max() > 0  # the strength changes the image
     status, grid = client.predict("", "shapes-lora", "a red circle", "", 3, 4, api_name="/strength_sweep")
-    assert status.startswith("✅") and Image.open(grid).size == (5 * 64, 64)
+    assert status.startswith("✔") and Image.open(grid).size == (5 * 64, 64)
 
     status, files, download = client.predict("shapes-lora", api_name="/export_run")
     assert "<lora:shapes-lora:0.8>" in status
@@ -143,7 +144,7 @@ def test_image_flow_train_preview_export(app, demo, tmp_path):
     assert "not an existing folder" in status
     lora_dir.mkdir(parents=True)
     status = client.predict("shapes-lora", str(lora_dir), False, api_name="/install_lora")
-    assert status.startswith("✅") and (lora_dir / "shapes-lora.safetensors").read_bytes() == adapter.read_bytes()
+    assert status.startswith("✔") and (lora_dir / "shapes-lora.safetensors").read_bytes() == adapter.read_bytes()
     assert "already exists" in client.predict("shapes-lora", str(lora_dir), False, api_name="/install_lora")
 
 
@@ -151,7 +152,7 @@ def test_second_start_refused_and_cancel_keeps_checkpoint(app, demo):
     client, studio = app
     text, _, _ = fill(client, "demo-image", "demo/datasets/demo-shapes", str(demo.sd15), "long-run")
     long = text.rstrip() + "\nmax_train_steps: 100000\nsave_steps: 0\nsample_every_steps: 0\n"
-    assert client.predict(long, api_name="/start_training").startswith("✅")
+    assert client.predict(long, api_name="/start_training").startswith("✔")
     state = wait_for_job(client, step=2)
     other, _, _ = fill(client, "demo-image", "demo/datasets/demo-shapes", str(demo.sd15), "other-run")
     refused = client.predict(other, api_name="/start_training")
@@ -166,7 +167,7 @@ def test_training_error_is_a_message(app, demo):
     client, studio = app
     client.predict("empty", api_name="/create_dataset")
     text, _, _ = fill(client, "demo-image", "datasets/empty", str(demo.sd15), "empty-run")
-    assert client.predict(text, api_name="/start_training").startswith("✅")
+    assert client.predict(text, api_name="/start_training").startswith("✔")
     state = wait_for_job(client)
     assert state["status"] == "failed" and "holds no images" in state["error"]
 
@@ -174,19 +175,19 @@ def test_training_error_is_a_message(app, demo):
 def test_llm_flow_chat_with_and_without_adapter(app, demo):
     client, studio = app
     text, _, _ = fill(client, "demo-llm", "demo/datasets/demo-chat", str(demo.llama), "chat-lora")
-    assert client.predict(text, api_name="/start_training").startswith("✅")
+    assert client.predict(text, api_name="/start_training").startswith("✔")
     state = wait_for_job(client)
     assert state["status"] == "done", state
     assert any(s.get("text") is not None for s in state["samples"])  # sample replies
 
     status, with_adapter, without, message = client.predict("", "chat-lora", 1.0, "What do bees make?", [], [],
                                                             api_name="/chat")
-    assert status.startswith("✅"), status
+    assert status.startswith("✔"), status
     assert [m["role"] for m in with_adapter] == ["user", "assistant"] and message == ""
     assert with_adapter[1]["content"] != without[1]["content"]  # the adapter changes the answer
     _, off, base_again, _ = client.predict("", "chat-lora", 0.0, "What do bees make?", [], [], api_name="/chat")
     assert off[1]["content"] == base_again[1]["content"] == without[1]["content"]  # strength 0 = the base model
 
     status, files, _ = client.predict("chat-lora", api_name="/merge_adapter")
-    assert status.startswith("✅"), status
+    assert status.startswith("✔"), status
     assert (studio.workspace.runs / "chat-lora" / "chat-lora-merged" / "config.json").is_file()

@@ -24,6 +24,7 @@ CSS = """
 .studio-progress progress { flex: 1; height: 14px; accent-color: var(--color-accent); }
 .studio-problems { white-space: pre-wrap; font-size: 0.9em; margin: 4px 0 0 0; }
 #studio-header h1 { margin-bottom: 0; }
+#preview-image img { min-height: 256px; max-width: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 
 
@@ -40,7 +41,8 @@ def build_app(workspace_root: str | Path, *, with_demo: bool = True) -> tuple[gr
 
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:
         gr.Markdown(f"# LoRA Studio\nWorkspace: `{workspace.root}` — datasets, configs and runs live here. "
-                    "Go left to right: **Dataset → Config → Train → Preview → Export**.", elem_id="studio-header")
+                    "Go left to right: **Dataset → Config → Train → Preview → Export**.",
+                    elem_id="studio-header")
         with gr.Tabs():
             data = dataset_tab(studio)
             config = config_tab(studio)

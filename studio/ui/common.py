@@ -12,18 +12,18 @@ from studio.errors import StudioError
 
 
 def ok(message: str) -> str:
-    return f"✅ {message}"
+    return f"✔ {message}"
 
 
 def note(message: str) -> str:
-    return f"ℹ️ {message}"
+    return f"ℹ {message}"
 
 
 def error(message: str | Exception) -> str:
     """A user error as Markdown: the first line bold, the rest (e.g. one problem a line) below it, verbatim."""
     first, *rest = str(message).strip().splitlines() or ["Error"]
     body = f"\n\n<pre class='studio-problems'>{html.escape(chr(10).join(rest), quote=False)}</pre>" if rest else ""
-    return f"❌ **{html.escape(first, quote=False)}**{body}"
+    return f"✖ **{html.escape(first, quote=False)}**{body}"
 
 
 def reports_errors(outputs: int) -> Callable:

@@ -20,8 +20,7 @@ from studio.workspace import check_name
 
 REASON_COLUMNS = ["key", "value", "why", "what it is"]
 PRESET_LABELS = {"style": "Style (SD1.5/SDXL)", "character": "Character (SD1.5/SDXL)", "llm-chat": "LLM chat",
-                 "demo-image": "Demo: tiny SD on shapes (seconds on a CPU)",
-                 "demo-llm": "Demo: tiny Llama on Q&A chats (seconds on a CPU)"}
+                 "demo-image": "Demo: tiny SD, shapes", "demo-llm": "Demo: tiny Llama, Q&A"}
 
 
 @dataclass
@@ -51,8 +50,8 @@ def config_tab(studio: Studio) -> ConfigTab:
                                   allow_custom_value=True)
             base_model = gr.Dropdown([], label="Base model (pick, or type a path / hub id)", allow_custom_value=True,
                                      info=field_help("base_model"))
-            run_name = gr.Textbox(label="Run name", info="Outputs go to workspace/runs/<run name>.")
-        fill = gr.Button("✨ Fill from preset + hardware", variant="primary", elem_id="fill-config")
+            run_name = gr.Textbox(label="Run name", info="Outputs go to workspace/runs/<run name>.", elem_id="run-name")
+        fill = gr.Button("Fill from preset + hardware", variant="primary", elem_id="fill-config")
         status = gr.Markdown(elem_id="config-status")
         with gr.Row():
             with gr.Column(scale=3):
@@ -61,14 +60,15 @@ def config_tab(studio: Studio) -> ConfigTab:
                 with gr.Row():
                     validate = gr.Button("✔ Validate")
                     name = gr.Textbox(label="Config name", placeholder="my_style", scale=2)
-                    save = gr.Button("💾 Save to workspace/configs")
+                    save = gr.Button("Save to workspace/configs")
                 with gr.Row():
                     saved = gr.Dropdown(_saved_configs(studio), label="Saved configs", scale=2, allow_custom_value=True)
-                    load = gr.Button("📂 Load")
+                    load = gr.Button("Load")
             with gr.Column(scale=2):
                 memory = gr.Markdown(elem_id="memory-estimate")
                 reasons = gr.Dataframe(headers=REASON_COLUMNS, label="What the heuristics chose, and why",
-                                       interactive=False, wrap=True, elem_id="config-reasons")
+                                       interactive=False, wrap=True, column_widths=["22%", "14%", "34%", "30%"],
+                                       elem_id="config-reasons")
         with gr.Accordion("All config keys", open=False):
             gr.Markdown(help_table(list(FIELDS)))
 
@@ -144,7 +144,7 @@ def load_config(studio: Studio, name: str):
     return ok(f"Loaded {path.relative_to(studio.workspace.root)}."), path.read_text(encoding="utf-8"), path.stem
 
 
-# --- shared with the Train tab -----------------------------------------------------------------------------------------
+# --- shared with the Train tab ----------------------------------------------------------------------------------------
 
 def parse_config(studio: Studio, text: str) -> RunConfig:
     """The YAML as a validated RunConfig whose data and outputs lie in the workspace (a ConfigError says why not)."""
@@ -161,7 +161,7 @@ def memory_for(studio: Studio, cfg: RunConfig) -> str:
 
 
 def _memory_markdown(estimate) -> str:
-    icon = {"fits": "🟢", "tight": "🟠", "too big": "🔴", "cpu": "⚪"}[estimate.verdict]
+    icon = {"fits": "✔", "tight": "⚠", "too big": "✖", "cpu": "ℹ"}[estimate.verdict]
     return f"**Peak memory (rough):** {icon} {estimate.summary()}"
 
 

@@ -74,7 +74,7 @@ class Studio:
         path.mkdir(parents=True)
         return f"datasets/{path.name}"
 
-    # --- models --------------------------------------------------------------------------------------------------------
+    # --- models -------------------------------------------------------------------------------------------------------
     def model_choices(self, image: bool) -> list[tuple[str, str]]:
         """Base models to offer: the demo's and those that workspace runs used (the user may type any other)."""
         choices: dict[str, str] = {}
@@ -86,7 +86,7 @@ class Studio:
                 choices.setdefault(run.base_model, Path(run.base_model).name)
         return [(label, value) for value, label in choices.items()]
 
-    # --- runs ----------------------------------------------------------------------------------------------------------
+    # --- runs ---------------------------------------------------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
         return [self.run(name) for name in self.workspace.list_dirs(self.workspace.runs)
                 if (self.workspace.runs / name / "config.yaml").is_file()]
@@ -123,7 +123,7 @@ class Studio:
         except StudioError:
             return False
 
-    # --- configs -------------------------------------------------------------------------------------------------------
+    # --- configs ------------------------------------------------------------------------------------------------------
     def check_confined(self, cfg: RunConfig) -> None:
         """Runs started from the UI read data from and write outputs to the workspace only."""
         for key in ("train_data_dir", "metadata_path", "output_dir", "logging_dir", "init_lora"):

@@ -49,8 +49,9 @@ def dataset_tab(studio: Studio) -> DatasetTab:
             with gr.Column(scale=2):
                 table = gr.Dataframe(headers=CAPTION_COLUMNS, label="Captions (edit, then save)",
                                      interactive=True, static_columns=[0], wrap=True, max_height=380,
+                                     column_widths=["35%", "65%"],
                                      elem_id="caption-table")
-                save = gr.Button("💾 Save captions to metadata.csv")
+                save = gr.Button("Save captions to metadata.csv")
         with gr.Accordion("Auto-label (BLIP captions / CLIP tags)", open=False, elem_id="auto-label"):
             with gr.Row():
                 mode = gr.Dropdown(LABEL_MODES, value="caption+tags", label="What to write")
@@ -61,7 +62,7 @@ def dataset_tab(studio: Studio) -> DatasetTab:
                                          label="CLIP model (hub id or folder)")
                 blip_model = gr.Dropdown(blip_choices, value=blip_choices[0][1], allow_custom_value=True,
                                          label="BLIP model (hub id or folder)")
-            label_button = gr.Button("🏷 Auto-label", variant="primary", elem_id="auto-label-button")
+            label_button = gr.Button("Auto-label", variant="primary", elem_id="auto-label-button")
         report = gr.Markdown(elem_id="dataset-report")
 
     view = [gallery, table, report]
@@ -208,7 +209,7 @@ def _report_markdown(problems: list[str], fine: str) -> str:
         return ok(fine)
     listing = "\n".join(f"- {p}" for p in problems[:100])
     more = f"\n- ... and {len(problems) - 100} more" if len(problems) > 100 else ""
-    return f"### ⚠️ {len(problems)} problem(s) — training will not start until they are fixed\n{listing}{more}"
+    return f"### ⚠ {len(problems)} problem(s) — training will not start until they are fixed\n{listing}{more}"
 
 
 def _text_files(folder: Path) -> list[Path]:

@@ -30,10 +30,10 @@ def export_tab(studio: Studio) -> None:
                 download = gr.DownloadButton("⬇ Download the adapter", visible=False, elem_id="export-download")
                 with gr.Group():
                     lora_dir = gr.Textbox(label="Copy the LoRA into this WebUI / ComfyUI folder",
-                                          placeholder="~/stable-diffusion-webui/models/Lora  or  ~/ComfyUI/models/loras")
+                                          placeholder="~/stable-diffusion-webui/models/Lora or ~/ComfyUI/models/loras")
                     overwrite = gr.Checkbox(label="Replace a file of the same name")
-                    install_button = gr.Button("📋 Copy into the LoRA folder", elem_id="export-install")
-                merge_button = gr.Button("🧬 Merge the adapter into its base model (LLM)", elem_id="export-merge")
+                    install_button = gr.Button("Copy into the LoRA folder", elem_id="export-install")
+                merge_button = gr.Button("Merge the adapter into its base model (LLM)", elem_id="export-merge")
 
     outputs = [status, files, download]
     run.change(partial(show_run, studio), run, outputs, api_name="export_run")

@@ -53,8 +53,8 @@ def _image_section(studio: Studio) -> tuple[gr.Dropdown, list[AdapterSlot]]:
     with gr.Row():
         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-        generate = gr.Button("🎨 Generate", variant="primary", elem_id="preview-generate")
-        sweep = gr.Button("▦ Strength sweep (LoRA 1 at 0 … 1)", elem_id="preview-sweep")
+        generate = gr.Button("Generate", variant="primary", elem_id="preview-generate")
+        sweep = gr.Button("Strength sweep (LoRA 1 at 0 … 1)", elem_id="preview-sweep")
     status = gr.Markdown(elem_id="preview-status")
     image = gr.Image(label="Result", type="pil", format="png", height=420, interactive=False,
                      elem_id="preview-image")

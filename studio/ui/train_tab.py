@@ -101,7 +101,7 @@ def _status_markdown(state: JobState) -> str:
     if state.status in ("done", "stopped"):
         adapter = f" Adapter: `{state.files[0]}`" if state.files else ""
         return ok(f"{text}{name} at step {state.step}/{state.total}.{adapter}")
-    return f"⏳ {text}{name}"
+    return f"… {text}{name}"
 
 
 def _progress_html(state: JobState) -> str:
@@ -118,7 +118,9 @@ def _progress_html(state: JobState) -> str:
 
 
 def _loss_frame(state: JobState) -> pd.DataFrame:
-    return pd.DataFrame(state.losses or [], columns=["step", "loss"])
+    """Numeric columns even when empty: the plot picks its axis types from the first value it gets."""
+    steps, losses = zip(*state.losses) if state.losses else ((), ())
+    return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "loss": pd.Series(losses, dtype="float64")})
 
 
 def _sample_images(state: JobState) -> list:
@@ -144,4 +146,6 @@ def _commands(state: JobState) -> str:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
