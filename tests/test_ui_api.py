@@ -92,6 +92,19 @@ def test_upload_names_cannot_leave_the_dataset():
     assert "/" not in _safe_filename("a/../../b.txt")
 
 
+def test_text_dataset_upload(app, demo, tmp_path):
+    client, studio = app
+    client.predict("chats", api_name="/create_dataset")
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                   '{"nonsense": 1}\n', encoding="utf-8")
+    status, gallery, table, report = client.predict(
+        "datasets/chats", [handle_file(str(demo.chat / "chat.jsonl")), handle_file(str(bad))], api_name="/upload_files")
+    assert "Added 2 file(s)" in status and gallery == []
+    assert "1 problem(s)" in report and "notes.jsonl" in report
+    assert len(table["data"]) == 7 and "bees" in " ".join(row[1] for row in table["data"])
+
+
 def test_config_fill_validate_save_load(app, demo):
     client, studio = app
     text, reasons, memory = fill(client, "style", "demo/datasets/demo-shapes", str(demo.sd15), "style-try")
@@ -137,6 +150,7 @@ def test_image_flow_train_preview_export(app, demo, tmp_path):
     assert status.startswith("✔") and Image.open(grid).size == (5 * 64, 64)
 
     status, files, download = client.predict("shapes-lora", api_name="/export_run")
+    assert Path(value_of(download)).name == "shapes-lora.safetensors"
     assert "<lora:shapes-lora:0.8>" in status
     assert {Path(f).name for f in files} >= {"shapes-lora.safetensors", "config.yaml", "events.jsonl"}
     lora_dir = tmp_path / "stable-diffusion-webui" / "models" / "Lora"
@@ -188,6 +202,7 @@ def test_llm_flow_chat_with_and_without_adapter(app, demo):
     _, off, base_again, _ = client.predict("", "chat-lora", 0.0, "What do bees make?", [], [], api_name="/chat")
     assert off[1]["content"] == base_again[1]["content"] == without[1]["content"]  # strength 0 = the base model
 
-    status, files, _ = client.predict("chat-lora", api_name="/merge_adapter")
+    status, files, download = client.predict("chat-lora", api_name="/merge_adapter")
+    assert Path(value_of(download)).name == "chat-lora-adapter.zip"
     assert status.startswith("✔"), status
     assert (studio.workspace.runs / "chat-lora" / "chat-lora-merged" / "config.json").is_file()

@@ -130,6 +130,7 @@ def test_every_tab(page, shots):
     listing = page.locator("#export-files").inner_text()  # names show as stem + suffix
     assert f"{run_name}\n.safetensors" in listing and "config\n.yaml" in listing
     assert page.locator("#export-download").is_visible() and page.locator("#export-install").is_visible()
+    assert not page.locator("#export-merge").is_visible()  # merging is for LLM adapters
 
 
 def test_reload_reattaches_to_the_job(page, url):

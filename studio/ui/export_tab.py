@@ -28,14 +28,15 @@ def export_tab(studio: Studio) -> None:
                             height=260, scale=3, elem_id="export-files")
             with gr.Column(scale=2):
                 download = gr.DownloadButton("⬇ Download the adapter", visible=False, elem_id="export-download")
-                with gr.Group():
+                with gr.Group(visible=False) as install_group:
                     lora_dir = gr.Textbox(label="Copy the LoRA into this WebUI / ComfyUI folder",
                                           placeholder="~/stable-diffusion-webui/models/Lora or ~/ComfyUI/models/loras")
                     overwrite = gr.Checkbox(label="Replace a file of the same name")
                     install_button = gr.Button("Copy into the LoRA folder", elem_id="export-install")
-                merge_button = gr.Button("Merge the adapter into its base model (LLM)", elem_id="export-merge")
+                merge_button = gr.Button("Merge the adapter into its base model", visible=False,
+                                         elem_id="export-merge")
 
-    outputs = [status, files, download]
+    outputs = [status, files, download, install_group, merge_button]
     run.change(partial(show_run, studio), run, outputs, api_name="export_run")
     refresh.click(partial(refresh_runs, studio), run, run, api_visibility="private")
     tab.select(partial(refresh_runs, studio), run, run, api_visibility="private")
@@ -49,14 +50,17 @@ def refresh_runs(studio: Studio, current: str | None):
     return choices_update(studio.run_choices(), keep=current)
 
 
-@reports_errors(outputs=3)
+@reports_errors(outputs=5)
 def show_run(studio: Studio, name: str | None):
+    """Summary, files and download of a run; the install controls for image LoRAs, merge for LLM adapters."""
     if not name:
-        return "", [], gr.update(visible=False)
+        return "", [], *[gr.update(visible=False)] * 3
     info = studio.run(name)
     download = _download_target(info)
+    finished = info.adapter is not None
     return (_run_summary(studio, info), _run_files(info),
-            gr.update(value=str(download), visible=True) if download else gr.update(visible=False))
+            gr.update(value=str(download), visible=True) if download else gr.update(visible=False),
+            gr.update(visible=finished and info.is_image), gr.update(visible=finished and not info.is_image))
 
 
 @reports_errors(outputs=1)
@@ -69,7 +73,7 @@ def install(studio: Studio, name: str, lora_dir: str, overwrite: bool):
     return ok(f"Copied to {target}. In a prompt: `{prompt_tag(target)}`" + (f"\n\n{note(hint)}" if hint else ""))
 
 
-@reports_errors(outputs=3)
+@reports_errors(outputs=5)
 def merge_into_base(studio: Studio, name: str):
     from studio.export.peft_merge import merge_adapter  # loads transformers/peft on first use
 
@@ -79,9 +83,9 @@ def merge_into_base(studio: Studio, name: str):
                           "are used as they are (see 'Copy into the LoRA folder').")
     target = info.folder / f"{info.name}-merged"
     merge_adapter(info.adapter, target, base_model=info.base_model or None)
-    summary, files, download = show_run(studio, name)
+    summary, *rest = show_run(studio, name)
     return (ok(f"Merged into {target.relative_to(studio.workspace.root)}: a full model that loads with "
-               "`AutoModelForCausalLM.from_pretrained` without peft.") + "\n\n" + summary, files, download)
+               "`AutoModelForCausalLM.from_pretrained` without peft.") + "\n\n" + summary, *rest)
 
 
 # --- views -----------------------------------------------------------------------------------------------------------
