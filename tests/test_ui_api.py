@@ -206,3 +206,28 @@ def test_llm_flow_chat_with_and_without_adapter(app, demo):
     assert Path(value_of(download)).name == "chat-lora-adapter.zip"
     assert status.startswith("✔"), status
     assert (studio.workspace.runs / "chat-lora" / "chat-lora-merged" / "config.json").is_file()
+
+
+def load_launcher():
+    """studio.py (the launcher script; `import studio` is the package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("studio_launcher", Path(__file__).parent.parent / "studio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launcher_binds_loopback_and_warns_without_auth(monkeypatch, tmp_path, capsys):
+    import studio.ui.app as ui_app
+
+    calls = []
+    monkeypatch.setattr(ui_app, "build_app", lambda root, with_demo: ("app", "studio"))
+    monkeypatch.setattr(ui_app, "launch", lambda app, studio, **kw: calls.append(("launch", kw)))
+    launcher = load_launcher()
+    launcher.main(["--workspace", str(tmp_path), "--no-demo"])
+    assert calls[-1][1]["host"] == "127.0.0.1" and calls[-1][1]["auth"] is None
+    assert "warning" not in capsys.readouterr().err
+    launcher.main(["--workspace", str(tmp_path), "--no-demo", "--host", "0.0.0.0"])
+    assert "Add --auth user:password" in capsys.readouterr().err
+    launcher.main(["--workspace", str(tmp_path), "--no-demo", "--host", "0.0.0.0", "--auth", "me:secret"])
+    assert calls[-1][1]["auth"] == ("me", "secret") and "warning" not in capsys.readouterr().err
