@@ -191,8 +191,12 @@ def test_qlora_path_trains_in_4bit(demo, tmp_path, monkeypatch):
     assert (run.files[0] / "adapter_model.safetensors").is_file() and (run.files[1] / "config.json").is_file()
 
 
-def test_missing_model_says_how_to_get_it(demo, tmp_path):
+def test_model_and_adapter_errors_say_what_to_do(demo, tmp_path):
     with pytest.raises(StudioError, match="Download it first.*set base_model to that folder"):
         train(llm_config(demo, tmp_path / "m", base_model="nobody/no-such-model"))
     with pytest.raises(StudioError, match="is not a transformers model folder"):
         train(llm_config(demo, tmp_path / "m2", base_model=str(demo.chat)))
+    with pytest.raises(StudioError, match="is not a peft adapter folder"):
+        merge_adapter(demo.chat, tmp_path / "merged")
+    with pytest.raises(StudioError, match="is not a peft adapter folder"):
+        ChatPreview(demo.llama)

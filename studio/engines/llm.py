@@ -19,8 +19,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
-from studio.data.text import (collate, ensure_chat_template, pack, raise_problems, read_dataset,
-                              tokenize_records)
+from studio.data.text import (Example, Record, collate, ensure_chat_template, pack, raise_problems,
+                              read_dataset, tokenize_records)
 from studio.engines.base import Engine, Sample
 from studio.engines.llm_models import load_causal_lm, load_tokenizer, pad_token_id
 from studio.errors import StudioError
@@ -53,7 +53,7 @@ class LLMEngine(Engine):
         if cfg.init_lora:
             self._load_init_lora(Path(cfg.init_lora))
 
-    def _tokenize(self, records) -> list:
+    def _tokenize(self, records: list[Record]) -> list[Example]:
         cfg = self.cfg
         data = tokenize_records(records, self.tokenizer, cfg.max_length, cfg.train_on_prompt)
         raise_problems(data.problems)

@@ -55,13 +55,16 @@ def save_adapter(model: PeftModel, tokenizer, out_dir: str | Path, metadata: dic
     return out_dir
 
 
-def adapter_base_model(adapter_dir: str | Path) -> str:
-    """The base model an adapter folder was trained on (from its adapter_config.json)."""
+def adapter_base_model(adapter_dir: str | Path, base_model: str | None = None) -> str:
+    """The base model for an adapter folder: `base_model` if given, else the one its adapter_config.json names."""
     config_path = Path(adapter_dir) / ADAPTER_CONFIG
     if not config_path.is_file():
         raise StudioError(f"{adapter_dir} is not a peft adapter folder (no {ADAPTER_CONFIG}). Pick the folder a "
                           "text-generation run wrote into its output_dir.")
-    return json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+    recorded = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not (base_model or recorded):
+        raise StudioError(f"{config_path} does not name its base model. Give the base model it was trained on.")
+    return base_model or recorded
 
 
 def adapter_tokenizer(adapter_dir: Path, base_model: str):
@@ -74,14 +77,11 @@ def adapter_tokenizer(adapter_dir: Path, base_model: str):
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Base model + adapter merged into one transformers folder (`merge_and_unload`), in the base's own dtype.
 
-    The base is loaded afresh on the CPU in full precision — never the 4-bit training copy, whose merge would be
-    lossy — so this needs the base model's size in RAM, not in GPU memory.
+    The base is loaded afresh on the CPU as stored — never the 4-bit training copy, whose merge would be lossy —
+    so this needs the base model's size in RAM, not in GPU memory.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    recorded = adapter_base_model(adapter_dir)  # also checks that adapter_dir is an adapter folder
-    base_model = base_model or recorded
-    if not base_model:
-        raise StudioError(f"{adapter_dir}/{ADAPTER_CONFIG} does not name its base model. Give the base model.")
+    base_model = adapter_base_model(adapter_dir, base_model)
     model = load_causal_lm(base_model, dtype="auto", device=torch.device("cpu"))
     try:
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

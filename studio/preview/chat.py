@@ -35,7 +35,7 @@ class ChatPreview:
 
     def __init__(self, adapter_dir: str | Path, base_model: str | None = None, device: torch.device | None = None):
         self.adapter_dir = Path(adapter_dir)
-        self.base_model = base_model or adapter_base_model(self.adapter_dir)
+        self.base_model = adapter_base_model(self.adapter_dir, base_model)
         self.device = device or pick_device()
         self._lock = threading.Lock()  # one generation at a time: the adapter scale is model state
         self._model: PeftModel | None = None
