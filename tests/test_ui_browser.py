@@ -133,10 +133,20 @@ def test_every_tab(page, shots):
     assert not page.locator("#export-merge").is_visible()  # merging is for LLM adapters
 
 
-def test_reload_reattaches_to_the_job(page, url):
-    """After a reload the Train tab shows the job's state again (here: the finished demo run)."""
+def test_reload_reattaches_to_a_running_job_and_cancels_it(page, url, demo):
+    """A job started elsewhere (here: through the API) shows up after a reload; Cancel stops it with a checkpoint."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    _, text, _, _ = client.predict("demo-image", "demo/datasets/demo-shapes", str(demo.sd15), "browser-long",
+                                   api_name="/fill_config")
+    long = text.rstrip() + "\nmax_train_steps: 100000\nsave_steps: 0\nsample_every_steps: 0\n"
+    assert client.predict(long, api_name="/start_training").startswith("✔")
     page.reload()
     page.get_by_text("Go left to right").wait_for()
     open_tab(page, "Train")
-    page.locator("#train-status").get_by_text("Finished").wait_for()
-    assert "step 20/20" in page.locator("#train-progress").inner_text()
+    page.locator("#train-status").get_by_text("Training browser-long").wait_for()
+    page.locator("#train-progress").get_by_text("/100000").wait_for()
+    page.locator("#stop-training").click()
+    page.locator("#train-status").get_by_text("Stopped browser-long").wait_for()
+    assert "[checkpoint] Saved stop checkpoint" in page.locator("#train-log textarea").input_value()
