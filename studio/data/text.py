@@ -320,6 +320,8 @@ def ensure_chat_template(tokenizer) -> bool:
 
 
 def tokenize_records(records: list[Record], tokenizer, max_length: int, train_on_prompt: bool = False) -> TokenizedData:
+    """Records → examples of at most max_length tokens, with counts of what max_length cut and a problem per
+    conversation the chat template cannot render."""
     data = TokenizedData()
     for record in records:
         try:
