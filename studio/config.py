@@ -47,8 +47,8 @@ class RunConfig:
     allow_unsafe_pickle: bool = _f(False, "Allow loading .ckpt/.pt pickle files, which can run arbitrary code.")
 
     # --- data ------------------------------------------------------------------------------------------------------
-    train_data_dir: str = _f("", "Folder of training images (with metadata.csv or .txt captions) or text/jsonl files.",
-                             path="dir")
+    train_data_dir: str = _f("", "Folder of training images (with metadata.csv or .txt captions); for LLMs a folder "
+                             "of .txt/.jsonl/.json files or one such file.", path="data")
     metadata_path: Optional[str] = _f(None, "Captions CSV (filename,prompt); default: train_data_dir/metadata.csv.",
                                       path="file")
     trigger_word: str = _f("", "Word put first in every caption (character LoRAs need one).")
@@ -340,8 +340,9 @@ def _check_paths(cfg: RunConfig, base_dir: Path) -> list[str]:
         if not path.exists():
             problems.append(f"'{name}' points to {path}, which does not exist. Check the path "
                             f"(relative paths are read from {base_dir}).")
-        elif kind == "dir" and not path.is_dir():
-            problems.append(f"'{name}' is {path}, which is a file; it must be a folder.")
+        elif kind == "data" and cfg.is_image and not path.is_dir():
+            problems.append(f"'{name}' is {path}, which is a file; for image training it must be the folder "
+                            "that holds the images.")
         elif kind == "file" and not path.is_file():
             problems.append(f"'{name}' is {path}, which is a folder; it must be a file.")
         else:

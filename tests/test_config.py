@@ -131,3 +131,12 @@ def test_empty_required_fields(tmp_path):
     with pytest.raises(ConfigError) as err:
         config_from_dict({}, check_paths=False)
     assert "'base_model' is empty" in str(err.value) and "'output_dir' is empty" in str(err.value)
+
+
+def test_train_data_dir_may_be_a_file_for_text_only(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("{}\n")
+    common = {"base_model": "org/model", "train_data_dir": str(data), "output_dir": str(tmp_path / "o")}
+    assert config_from_dict({**common, "task_type": "text-generation"}).train_data_dir == str(data)
+    with pytest.raises(ConfigError, match="for image training it must be the folder"):
+        config_from_dict({**common, "task_type": "image-generation"})
