@@ -92,10 +92,8 @@ def preset_defaults(studio: Studio, preset: str, dataset: str | None):
     """Base models for the preset's task, the demo's model and dataset for demo presets, and a fresh run name."""
     text = load_preset(preset).get("task_type") == TEXT_TASK
     models = studio.model_choices(image=not text)
-    demo_data = ("demo/datasets/demo-chat" if text else "demo/datasets/demo-shapes") if studio.demo else None
-    data_values = [v for _, v in studio.dataset_choices()]
-    if preset.startswith("demo") and demo_data in data_values:
-        dataset = demo_data
+    if preset.startswith("demo") and studio.demo:
+        dataset = str((studio.demo.chat if text else studio.demo.images).relative_to(studio.workspace.root))
     return (choices_update(studio.dataset_choices(), keep=dataset),
             gr.update(choices=models, value=models[0][1] if models else None),
             _fresh_run_name(studio, preset))
