@@ -11,13 +11,16 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from studio.config import IMAGE_TASK, RunConfig, parse_yaml
-from studio.demo import DemoPaths
 from studio.errors import StudioError
 from studio.events import FINAL_KINDS, read_events
 from studio.jobs import JobRunner
 from studio.workspace import Workspace, check_name
+
+if TYPE_CHECKING:  # studio.demo loads torch and transformers
+    from studio.demo import DemoPaths
 
 DEMO_LABEL = " (demo)"
 

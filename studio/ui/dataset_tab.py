@@ -77,7 +77,7 @@ def dataset_tab(studio: Studio) -> DatasetTab:
 
 
 def _label_model_choices(studio: Studio) -> tuple[list, list]:
-    from studio.data.label_models import DEFAULT_BLIP, DEFAULT_CLIP  # no torch: plain constants
+    from studio.data.label_models import DEFAULT_BLIP, DEFAULT_CLIP  # (this module loads transformers)
     clip = [(f"{DEFAULT_CLIP['clip']} (download)", DEFAULT_CLIP["clip"])]
     blip = [(f"{DEFAULT_BLIP} (download)", DEFAULT_BLIP)]
     if studio.demo:
