@@ -85,7 +85,9 @@ def poll(studio: Studio, seen):
     key = (state.status, state.step, len(state.log), len(state.samples))
     if key == seen:
         return [gr.skip()] * 8
-    return (_status_markdown(state), _progress_html(state), _loss_frame(state), _sample_images(state),
+    images = _sample_images(state)
+    return (_status_markdown(state), _progress_html(state), _loss_frame(state),
+            gr.update(value=images, visible=bool(images) or not state.samples),
             _sample_replies(state), "\n".join(state.log), _commands(state), key)
 
 
@@ -132,7 +134,8 @@ def _sample_replies(state: JobState) -> str:
     replies = [s for s in state.samples if s.get("text") is not None]
     if not replies:
         return ""
-    lines = [f"- **{html.escape(s.get('prompt', ''))}** → {html.escape(s['text'])}" for s in replies[-8:]]
+    lines = [f"- **{html.escape(s.get('prompt', ''))}** → {html.escape(s['text']) or '*(an empty reply)*'}"
+             for s in replies[-8:]]
     return "**Sample replies** (newest last)\n" + "\n".join(lines)
 
 
