@@ -30,6 +30,13 @@ def solid_colours(folder, size=(64, 64)):
     return folder
 
 
+def render_np(pipe, steps=4):
+    """A 64 px image for a fixed prompt and seed, as an array."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red picture", num_inference_steps=steps, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
 def image_config(model, data, out, **extra):
     values = {"preset": "demo-image", "base_model": str(model), "train_data_dir": str(data),
               "output_dir": str(out), "sample_every_steps": 0, "sample_prompts": [], **extra}
@@ -117,12 +124,7 @@ def test_export_is_kohya_format_with_true_alpha_and_metadata(trained):
 def test_export_loads_in_diffusers_and_strength_matters(demo, trained):
     _, result, _, _ = trained
     pipe = StableDiffusionPipeline.from_pretrained(demo.sd15)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("a red picture", num_inference_steps=4, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
+    image = lambda: render_np(pipe)  # noqa: E731
     base = image()
     pipe.load_lora_weights(str(result.files[0]), adapter_name="mine")
     pipe.set_adapters(["mine"], [0.0])
@@ -194,15 +196,9 @@ def test_sdxl_trains_and_exports(demo, tmp_path):
         assert f.metadata()["ss_base_model_version"] == "sdxl"
         assert all(k.startswith("lora_unet_") for k in f.keys())
     pipe = StableDiffusionXLPipeline.from_pretrained(demo.sdxl)
-    pipe.set_progress_bar_config(disable=True)
-
-    def image():
-        return pipe("a red picture", num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    base = image()
+    base = render_np(pipe, steps=2)
     pipe.load_lora_weights(str(result.files[0]))
-    assert abs(image() - base).max() > 1e-5
+    assert abs(render_np(pipe, steps=2) - base).max() > 1e-5
 
 
 def test_text_encoder_lora_exports_lora_te(demo, tmp_path):

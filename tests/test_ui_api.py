@@ -2,7 +2,6 @@
 preview → export, for the image and the LLM demo. The app runs in-process on 127.0.0.1 over the session's demo
 workspace."""
 
-import socket
 import time
 from pathlib import Path
 
@@ -15,14 +14,8 @@ from studio.ui.app import build_app, launch
 from studio.ui.dataset_tab import _safe_filename
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app(demo):
+def app(demo, free_port):
     """(client, studio) for an app over the demo's workspace (the demo models are already built there)."""
     blocks, studio = build_app(demo.root.parent)
     _, url, _ = launch(blocks, studio, port=free_port(), prevent_thread_lock=True, quiet=True)

@@ -4,7 +4,6 @@ tab, checks its main controls, runs the demo through it, and saves one screensho
 Screenshots go to $STUDIO_SCREENSHOTS if set, else to the test's temporary folder (printed with -s)."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def url(demo):
+def url(demo, free_port):
     import torch
 
     from studio.ui.app import build_app, launch

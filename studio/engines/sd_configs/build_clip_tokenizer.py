@@ -20,21 +20,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))  # run as a script from anywhere: the repo root holds the studio package
+
+from studio.demo.tokenizers import bytes_to_unicode  # noqa: E402
 TOKENIZER_DIRS = [HERE / "sd15" / "tokenizer", HERE / "sdxl" / "tokenizer", HERE / "sdxl" / "tokenizer_2"]
 N_MERGES = 49152 - 256 - 2  # CLIP's SimpleTokenizer: merges = lines[1 : 49152 - 256 - 2 + 1]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def clip_vocab_and_merges(bpe_gz: Path) -> tuple[dict[str, int], list[str]]:
