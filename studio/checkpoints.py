@@ -8,7 +8,6 @@ place, so a kill during the write never leaves a half checkpoint behind. `state.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from studio.errors import StudioError
+from studio.fileio import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -67,16 +67,10 @@ def restore_rng(state: dict) -> None:
 def save_checkpoint(output_dir: str | Path, adapter: dict[str, torch.Tensor], training: dict, position: Position,
                     keep: int) -> Path:
     """Write a checkpoint atomically and prune the oldest beyond `keep`."""
-    folder = checkpoints_dir(output_dir)
-    final = folder / f"step-{position.step:06d}"
-    tmp = folder / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
-    torch.save({**training, "position": vars(position), "rng": capture_rng()}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = checkpoints_dir(output_dir) / f"step-{position.step:06d}"
+    with atomic_dir(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
+        torch.save({**training, "position": vars(position), "rng": capture_rng()}, tmp / "state.pt")
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

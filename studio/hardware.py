@@ -63,6 +63,13 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Weights dtype for previews: half precision on GPUs (bf16 where the card has it), fp32 elsewhere."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 # --- VRAM heuristics ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

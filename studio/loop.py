@@ -109,14 +109,14 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event) ->
     try:
         while pos.step < total and not stopped:
             batches = engine.batches(pos.epoch)
-            group_losses: list[float] = []
+            group_losses: list[torch.Tensor] = []
             for i in range(pos.batch_in_epoch, len(batches)):
                 # --- one micro-batch: forward under autocast, backward of loss/accum ---------------------------
                 batch = engine.collate(batches[i], pos.epoch)
                 with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
                     loss = engine.loss(batch, rng)
                 scaler.scale(loss / accum).backward()
-                group_losses.append(loss.item())
+                group_losses.append(loss.detach())  # read once per update: .item() syncs a GPU
                 pos.batch_in_epoch = i + 1
                 if pos.batch_in_epoch % accum and pos.batch_in_epoch < len(batches):
                     continue
@@ -129,7 +129,7 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event) ->
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 pos.step += 1
-                last_loss = sum(group_losses) / len(group_losses)
+                last_loss = torch.stack(group_losses).float().mean().item()
                 group_losses = []
                 rate = (pos.step - start_step) / max(time.time() - started, 1e-9)
                 events.emit("progress", step=pos.step, total=total, loss=last_loss, lr=scheduler.get_last_lr()[0],

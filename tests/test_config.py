@@ -1,5 +1,3 @@
-import textwrap
-
 import pytest
 
 from studio.config import (ConfigError, RunConfig, config_from_dict, field_help, load_config, load_preset,

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from studio.data.captions import list_images, read_csv_captions, write_csv_captions, write_sidecar_captions
@@ -21,7 +20,7 @@ from studio.data.label_models import (DEFAULT_BLIP, DEFAULT_CLIP, BlipCaptioner,
                                       available_backends)
 from studio.data.tagging import VOCAB_DIR, load_vocabulary
 from studio.errors import StudioError
-from studio.hardware import pick_device
+from studio.hardware import inference_dtype, pick_device
 
 # A mode names what it writes; the run loads BLIP when it holds "caption" and CLIP when it holds "tags".
 MODES = {"caption+tags": "BLIP caption + CLIP tags", "caption": "BLIP caption", "tags": "CLIP tags"}
@@ -143,7 +142,7 @@ def _build_labeler(mode: str, trigger_word: str, max_tags: int, threshold: float
     """Load the run's models once; the returned function captions one batch of images."""
     phrases = load_vocabulary(vocabulary) if "tags" in mode else []  # before the slow loads: fail fast
     torch_device = pick_device(device)
-    dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
+    dtype = inference_dtype(torch_device)
     captioner = BlipCaptioner(blip_model or DEFAULT_BLIP, torch_device, dtype) if "caption" in mode else None
     tagger = None
     if "tags" in mode:

@@ -95,7 +95,7 @@ class OpenClip:
 
         self.device, self.dtype = device, dtype
         name = f"local-dir:{model_id}" if Path(model_id).expanduser().is_dir() else f"hf-hub:{model_id}"
-        precision = "pure_fp16" if dtype == torch.float16 else "fp32"
+        precision = {torch.float16: "pure_fp16", torch.bfloat16: "pure_bf16"}.get(dtype, "fp32")
         try:
             # require_pretrained: without it, missing weights give a randomly initialised model and nonsense tags.
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +13,7 @@ from studio.demo.captioners import build_tiny_blip, build_tiny_clip  # auto-labe
 from studio.demo.datasets import build_demo_chat, build_demo_images
 from studio.demo.diffusion import build_tiny_sd15, build_tiny_sdxl
 from studio.demo.llm import build_tiny_llama
+from studio.fileio import atomic_dir
 
 # Bump when a builder changes so existing demo folders are rebuilt.
 DEMO_VERSION = "1"
@@ -65,11 +65,7 @@ def ensure_demo(workspace_root: str | Path) -> DemoPaths:
         marker = target / ".demo-version"
         if marker.is_file() and marker.read_text() == DEMO_VERSION:
             continue
-        # Build into a temp folder and rename, so an interrupted build never leaves a half model behind.
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        (tmp / ".demo-version").write_text(DEMO_VERSION)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        with atomic_dir(target) as tmp:  # an interrupted build never leaves a half model behind
+            build(tmp)
+            (tmp / ".demo-version").write_text(DEMO_VERSION)
     return paths

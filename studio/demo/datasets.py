@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from studio.data.captions import write_csv_captions
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ["circle", "square"]
@@ -37,15 +38,12 @@ def build_demo_images(out_dir: str | Path) -> Path:
     """Eight images (4 colours × 2 shapes) with a metadata.csv of captions."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    captions = {}
     for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
         name = f"{colour}_{shape}.png"
         draw_shape(shape, colour, SIZES[i % len(SIZES)]).save(out_dir / name)
-        rows.append((name, f"a {colour} {shape}, flat colour, white background"))
-    with open(out_dir / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["filename", "prompt"])
-        writer.writerows(rows)
+        captions[name] = f"a {colour} {shape}, flat colour, white background"
+    write_csv_captions(out_dir / "metadata.csv", captions)
     return out_dir
 
 

@@ -10,11 +10,7 @@ Both write into a hidden temporary folder and rename it into place, so an interr
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import PeftModel
@@ -23,29 +19,16 @@ from transformers import AutoTokenizer
 
 from studio.engines.llm_models import load_causal_lm, load_tokenizer
 from studio.errors import StudioError
+from studio.fileio import atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """A temporary folder beside `target` that replaces it only if the block succeeds."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_adapter(model: PeftModel, tokenizer, out_dir: str | Path, metadata: dict[str, str]) -> Path:
     """The peft adapter folder, with the run's facts (`metadata`) in the weights file's header."""
     out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)  # peft's own layout and config (inference mode, base model name)
         # peft writes only {"format": "pt"} as header; rewrite the (small) file with the run's metadata added.
         weights = load_file(str(tmp / ADAPTER_WEIGHTS))
@@ -90,7 +73,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
                           f"({type(exc).__name__}: {str(exc).splitlines()[0]}). "
                           "Use the base it was trained on.") from None
     tokenizer = adapter_tokenizer(adapter_dir, base_model)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir

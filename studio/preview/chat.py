@@ -15,7 +15,7 @@ from peft.helpers import rescale_adapter_scale
 
 from studio.engines.llm_models import load_causal_lm, pad_token_id
 from studio.export.peft_merge import adapter_base_model, adapter_tokenizer
-from studio.hardware import detect, pick_device
+from studio.hardware import inference_dtype, pick_device
 
 MAX_NEW_TOKENS = 128
 
@@ -56,10 +56,7 @@ class ChatPreview:
 
     def _load(self) -> tuple[PeftModel, object]:
         if self._model is None:
-            # Half precision on GPUs (bf16 where the card has it); the CPU computes in fp32.
-            half = torch.bfloat16 if detect().bf16 else torch.float16
-            dtype = half if self.device.type == "cuda" else torch.float32
-            base = load_causal_lm(self.base_model, dtype=dtype, device=self.device)
+            base = load_causal_lm(self.base_model, dtype=inference_dtype(self.device), device=self.device)
             self._tokenizer = adapter_tokenizer(self.adapter_dir, self.base_model)
             self._model = PeftModel.from_pretrained(base, str(self.adapter_dir)).eval()
         return self._model, self._tokenizer

@@ -15,6 +15,7 @@ from PIL import Image
 
 from studio.engines.sd_models import load_sd_pipeline
 from studio.errors import StudioError
+from studio.hardware import inference_dtype, pick_device
 
 SWEEP_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -40,7 +41,6 @@ class ImagePreviewer:
     """Keeps the last base model loaded; adapters are loaded once each and mixed by strength."""
 
     def __init__(self, device: torch.device | None = None):
-        from studio.hardware import pick_device
         self.device = device or pick_device()
         self._lock = threading.Lock()  # one generation at a time per previewer: the pipeline is stateful
         self._base: str | None = None
@@ -64,8 +64,7 @@ class ImagePreviewer:
 
     def _pipeline(self, base_model: str) -> DiffusionPipeline:
         if self._base != base_model:
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            self._pipe, _ = load_sd_pipeline(base_model, torch_dtype=dtype)
+            self._pipe, _ = load_sd_pipeline(base_model, torch_dtype=inference_dtype(self.device))
             self._pipe.to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
             self._base, self._adapters = base_model, {}

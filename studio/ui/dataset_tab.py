@@ -13,12 +13,12 @@ import gradio as gr
 import pandas as pd
 
 from studio.data.captions import IMAGE_SUFFIXES, list_images, metadata_path_for, read_captions, write_csv_captions
+from studio.data.text import TEXT_SUFFIXES, list_text_files, read_dataset
 from studio.errors import StudioError
 from studio.ui.common import choices_update, error, note, ok, reports_errors
 from studio.ui.context import Studio
 
-TEXT_SUFFIXES = {".txt", ".jsonl", ".json"}
-UPLOAD_SUFFIXES = sorted(IMAGE_SUFFIXES | TEXT_SUFFIXES | {".csv"})
+UPLOAD_SUFFIXES = sorted(IMAGE_SUFFIXES | set(TEXT_SUFFIXES) | {".csv"})
 GALLERY_LIMIT = 200
 CAPTION_COLUMNS = ["filename", "caption"]
 LABEL_MODES = [("BLIP caption + CLIP tags", "caption+tags"), ("BLIP caption", "caption"), ("CLIP tags", "tags")]
@@ -107,7 +107,7 @@ def show_dataset(studio: Studio, value: str | None):
         folder = studio.dataset_path(value)
     except StudioError as exc:
         return [], _captions_frame({}), error(exc)
-    if list_images(folder) or not _text_files(folder):
+    if list_images(folder) or not list_text_files(folder):
         return _image_view(folder)
     return _text_view(folder)
 
@@ -186,8 +186,6 @@ def _image_view(folder: Path):
 
 
 def _text_view(folder: Path):
-    from studio.data.text import read_dataset
-
     report = read_dataset(folder)
     rows = [[r.source, _record_preview(r)] for r in report.records[:GALLERY_LIMIT]]
     frame = pd.DataFrame(rows or [["", ""]], columns=["sample", "text"])
@@ -210,10 +208,6 @@ def _report_markdown(problems: list[str], fine: str) -> str:
     listing = "\n".join(f"- {p}" for p in problems[:100])
     more = f"\n- ... and {len(problems) - 100} more" if len(problems) > 100 else ""
     return f"### ⚠ {len(problems)} problem(s) — training will not start until they are fixed\n{listing}{more}"
-
-
-def _text_files(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES]
 
 
 def _safe_filename(name: str) -> str:
