@@ -26,10 +26,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 @dataclass
 class Position:
-    """Where a run is: updates done, and the next micro-batch to read."""
+    """Where a run is: updates done, and the updates done in the current epoch (one per group of samples)."""
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    update_in_epoch: int = 0
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

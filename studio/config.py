@@ -61,6 +61,9 @@ class RunConfig:
     enable_bucket: bool = _f(True, "Aspect-ratio bucketing: keep portrait/landscape images uncropped.")
     random_flip: bool = _f(False, "Randomly mirror images horizontally.")
     cache_latents: bool = _f(True, "Encode each image with the VAE once instead of every epoch (off with random_flip).")
+    cache_latents_to_disk: bool = _f(False, "Keep VAE latents and text embeddings in train_data_dir/.studio-cache "
+                                     "for later runs on the same images, model and resolution (works with "
+                                     "random_flip).")
     data_format: str = _f("auto", "Text data format; 'auto' detects it.",
                           choices=["auto", "text", "alpaca", "sharegpt", "messages"])
     system_prompt: Optional[str] = _f(None, "System prompt added to every conversation that has none.")
@@ -91,13 +94,18 @@ class RunConfig:
                            choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                     "polynomial"])
     lr_warmup_steps: int = _f(0, "Warmup updates at the start of the schedule.", min=0)
-    mixed_precision: str = _f("no", "Autocast precision; fp16 uses loss scaling.", choices=["no", "fp16", "bf16"])
+    mixed_precision: str = _f("auto", "Autocast precision; 'auto' is bf16 where the GPU has it, fp16 (with loss "
+                              "scaling) on older GPUs, fp32 ('no') on the CPU.", choices=["auto", "no", "fp16", "bf16"])
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
+    torch_compile: bool = _f(False, "Compile the UNet / LLM with torch.compile: faster steps on GPUs after "
+                             "a minute or more of compiling.")
     load_in_4bit: bool = _f(False, "QLoRA: load the LLM in 4-bit NF4 (needs CUDA).")
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 is typical.", min=0.0)
     min_snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty = off.", min=0.0)
     seed: int = _f(42, "Random seed; the same seed and config give the same run.", min=0)
     device: str = _f("auto", "Where to train.", choices=["auto", "cuda", "mps", "cpu"])
+    vram_budget_gb: Optional[float] = _f(None, "Plan and fit the run for a card with this much memory (GB) instead "
+                                         "of the one present, e.g. 24 to plan a 4090 run anywhere.", min=1.0)
 
     # --- outputs ---------------------------------------------------------------------------------------------------
     output_dir: str = _f("", "Where the adapter, checkpoints, logs and config.yaml go.")

@@ -1,12 +1,12 @@
 """What machine we train on, and what a run should look like on it.
 
-The only place that picks a torch device and dtype, and the one table that maps (task, model family, memory) to
-batch size, resolution, rank, accumulation, checkpointing and precision.
+The only place that picks a torch device and dtype. What a run should look like on a card is the memory plan's job
+(studio/plan/).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -52,8 +52,19 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+def auto_precision(device_type: str, bf16: bool) -> tuple[str, str]:
+    """What `mixed_precision: auto` means on a device: (setting, one-line reason)."""
+    if device_type != "cuda":
+        return "no", f"fp32: autocast on {device_type} gains little and risks accuracy"
+    if bf16:
+        return "bf16", "bf16: this GPU supports it (no loss scaling needed)"
+    return "fp16", "fp16 with loss scaling: this GPU has no bf16"
+
+
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision setting, or None for full fp32."""
+    if mixed_precision == "auto":
+        mixed_precision = auto_precision(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())[0]
     if mixed_precision == "no":
         return None
     if device.type == "cpu" and mixed_precision == "fp16":
@@ -70,105 +81,24 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-# --- VRAM heuristics ------------------------------------------------------------------------------------------------
+# --- fast paths on CUDA (the CPU has none to switch on) -------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Tier:
-    """Settings for cards with at least `min_gb` of memory (min_gb None = the CPU row)."""
-    min_gb: float | None
-    batch_size: int
-    resolution: int  # for LLMs: max_length in tokens
-    max_rank: int
-    gradient_checkpointing: bool
-    load_in_4bit: bool = False
+def is_ampere_or_newer(device: torch.device) -> bool:
+    """CUDA compute capability 8+: TF32 tensor cores and PyTorch's flash attention kernels."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-# Community rule of thumb: start from rank 8, lr 2e-4, batch 4; when memory is short, lower the batch first
-# (keeping the effective batch with gradient accumulation), then the resolution, then the rank. Rank stays <= 64.
-# Memory figures are for fp16/bf16 autocast with 8-bit-free AdamW on the LoRA weights only.
-TIERS: dict[str, list[Tier]] = {
-    "sd15": [  # native 512 px; ~9 GB at batch 4 without checkpointing
-        Tier(16, 4, 512, 64, False),
-        Tier(12, 2, 512, 64, False),
-        Tier(8, 1, 512, 32, True),
-        Tier(6, 1, 448, 16, True),
-        Tier(0, 1, 384, 8, True),
-        Tier(None, 1, 256, 8, False),
-    ],
-    "sdxl": [  # native 1024 px; the UNet alone is 5 GB in fp16
-        Tier(40, 4, 1024, 64, False),
-        Tier(24, 2, 1024, 64, True),
-        Tier(16, 1, 1024, 32, True),
-        Tier(12, 1, 768, 16, True),
-        Tier(0, 1, 640, 8, True),
-        Tier(None, 1, 512, 8, False),
-    ],
-    "llm": [  # for a 7B model; thresholds scale with the parameter count. 16-bit 7B weights are 14 GB.
-        Tier(40, 4, 2048, 64, False),
-        Tier(24, 2, 2048, 64, True),
-        Tier(16, 2, 2048, 64, True, load_in_4bit=True),
-        Tier(12, 1, 1024, 32, True, load_in_4bit=True),
-        Tier(0, 1, 512, 8, True, load_in_4bit=True),
-        Tier(None, 1, 512, 8, False),
-    ],
-}
-REFERENCE_LLM_BILLIONS = 7.0
-START = {"batch_size": 4, "lora_rank": 8, "learning_rate": 2e-4}
+def configure_backends(device: torch.device) -> None:
+    """TF32 for fp32 matmuls and convolutions on Ampere+: ~8x the fp32 rate for a 10-bit mantissa per product, the
+    trade every trainer makes there (fp16/bf16 autocast work is unaffected). torch 2.13's fp32_precision API."""
+    if is_ampere_or_newer(device):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
-@dataclass
-class Recommendation:
-    values: dict = field(default_factory=dict)
-    reasons: dict = field(default_factory=dict)
-
-
-def recommend(family: str, memory_gb: float | None, *, bf16: bool = True, start: dict | None = None,
-              llm_billions: float = REFERENCE_LLM_BILLIONS) -> Recommendation:
-    """Settings for `family` ('sd15', 'sdxl', 'llm') on a card with `memory_gb` (None = CPU).
-
-    `start` holds the preset's intent (batch_size, lora_rank); the result lowers them only when memory requires,
-    keeping the effective batch with gradient accumulation.
-    """
-    start = {**START, **(start or {})}
-    tiers = TIERS[family]
-    if memory_gb is None:
-        tier = tiers[-1]
-    else:
-        scale = llm_billions / REFERENCE_LLM_BILLIONS if family == "llm" else 1.0
-        tier = next(t for t in tiers[:-1] if memory_gb >= t.min_gb * scale)
-    where = "CPU" if memory_gb is None else f"{memory_gb:.0f} GB"
-    rec = Recommendation()
-
-    def put(key, value, reason):
-        rec.values[key] = value
-        rec.reasons[key] = reason
-
-    want_batch = int(start["batch_size"])
-    batch = min(want_batch, tier.batch_size)
-    accum = max(1, want_batch // batch) if memory_gb is not None else 1
-    put("batch_size", batch, f"{batch} fits {where}" + (f" (lowered from {want_batch})" if batch < want_batch else ""))
-    put("gradient_accumulation_steps", accum,
-        f"keeps the effective batch at {batch * accum}" if accum > 1 else "no accumulation needed")
-    length_key = "max_length" if family == "llm" else "resolution"
-    unit = "tokens" if family == "llm" else "px"
-    put(length_key, tier.resolution, f"{tier.resolution} {unit} for {family} on {where}")
-    rank = min(int(start["lora_rank"]), tier.max_rank)
-    put("lora_rank", rank, f"rank {rank}" + (f" (capped at {tier.max_rank} for {where})"
-                                               if rank < int(start["lora_rank"]) else " as the preset asks"))
-    put("learning_rate", float(start["learning_rate"]), "the preset's learning rate (effective batch unchanged)")
-    put("gradient_checkpointing", tier.gradient_checkpointing,
-        "recompute activations to save memory" if tier.gradient_checkpointing else "enough memory without it")
-    if memory_gb is None:
-        put("mixed_precision", "no", "the CPU trains in fp32")
-    else:
-        put("mixed_precision", "bf16" if bf16 else "fp16", "bf16 is supported" if bf16 else "this card has no bf16")
-    if family == "llm":
-        put("load_in_4bit", tier.load_in_4bit, "4-bit NF4 (QLoRA) so the weights fit" if tier.load_in_4bit
-            else ("4-bit needs CUDA" if memory_gb is None else "16-bit weights fit"))
-    return rec
-
-
-def recommend_for(hw: Hardware, family: str, start: dict | None = None, **kw) -> Recommendation:
-    """`recommend` for the detected hardware (Apple MPS counts as an 8 GB card)."""
-    memory = hw.total_gb if hw.device == "cuda" else (8.0 if hw.device == "mps" else None)
-    return recommend(family, memory, bf16=hw.bf16 and hw.device == "cuda", start=start, **kw)
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host batch on `device`. To CUDA through pinned memory without blocking: the copy overlaps the GPU work
+    still queued from the previous step instead of waiting for it."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, dtype, non_blocking=True)
+    return tensor.to(device, dtype)

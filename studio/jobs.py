@@ -45,7 +45,8 @@ class JobRunner:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, cfg: RunConfig) -> None:
+    def start(self, cfg: RunConfig, fitted=None) -> None:
+        """Run `cfg` in the background; `fitted` (studio.plan.fit.Fitted) carries the fit's reasons and plan."""
         with self._lock:
             if self.running:
                 raise StudioError(f"A training job ({self._state.name}) is already running. Wait for it to "
@@ -53,7 +54,7 @@ class JobRunner:
             self._stop = threading.Event()
             self._state = JobState(status="running", name=cfg.name, output_dir=cfg.output_dir)
             self._log.clear()
-            self._thread = threading.Thread(target=self._work, args=(cfg,), name=f"train-{cfg.name}", daemon=True)
+            self._thread = threading.Thread(target=self._work, args=(cfg, fitted), name=f"train-{cfg.name}", daemon=True)
             self._thread.start()
 
     def stop(self) -> bool:
@@ -76,11 +77,11 @@ class JobRunner:
             return JobState(s.status, s.name, s.output_dir, s.step, s.total, s.it_per_s, s.eta_s, list(s.losses),
                             list(self._log), list(s.samples), list(s.files), s.error)
 
-    def _work(self, cfg: RunConfig) -> None:
+    def _work(self, cfg: RunConfig, fitted) -> None:
         from studio.loop import train  # imported in the thread: torch/diffusers load off the UI's start-up path
 
         try:
-            train(cfg, EventSink([self._on_event]), self._stop)
+            train(cfg, EventSink([self._on_event]), self._stop, fitted=fitted)
         except Exception:  # noqa: BLE001 - the loop already reported it as a 'failed' event
             pass
 

@@ -18,6 +18,9 @@ def test_train_from_yaml_and_reproduce_from_saved_config(demo, tmp_path):
                    f"output_dir: {tmp_path / 'out'}\nmax_train_steps: 4\nsample_prompts: []\n")
     first = run("--config", str(cfg))
     assert first.returncode == 0, first.stderr
+    # Fitted at start on the CLI too: precision 'auto' resolved (fp32 on the CPU), each key with its reason.
+    assert "Fitted to the CPU" in first.stderr and "mixed_precision = no:" in first.stderr
+    assert "mixed_precision: 'no'" in (tmp_path / "out" / "config.yaml").read_text()
     assert f"Adapter: {tmp_path / 'out' / 'out.safetensors'}" in first.stdout
     again = run("--config", str(tmp_path / "out" / "config.yaml"), "--set", f"output_dir={tmp_path / 'again'}",
                 cwd=tmp_path)
@@ -35,7 +38,7 @@ def test_config_error_is_one_message_without_traceback(tmp_path):
 
 def test_help_lists_config_keys():
     result = run("--help")
-    assert result.returncode == 0 and "lora_rank" in result.stdout and "One of: no, fp16, bf16." in result.stdout
+    assert result.returncode == 0 and "lora_rank" in result.stdout and "One of: auto, no, fp16, bf16." in result.stdout
 
 
 def test_ctrl_c_stops_at_a_step_and_keeps_a_checkpoint(demo, tmp_path):

@@ -59,7 +59,7 @@ def test_unknown_key_suggests_closest(seed_tree):
 @pytest.mark.parametrize("key,value,expected", [
     ("lora_rank", "eight", "'lora_rank' is 'eight', expected a whole number"),
     ("lora_rank", 0, "'lora_rank' is 0; it must be at least 1"),
-    ("mixed_precision", "fp8", "Allowed values: no, fp16, bf16"),
+    ("mixed_precision", "fp8", "Allowed values: auto, no, fp16, bf16"),
     ("task_type", "video", "Allowed values: image-generation, text-generation"),
     ("gradient_checkpointing", "maybe", "expected true or false"),
     ("caption_dropout", 1.5, "must be at most 1.0"),
@@ -121,7 +121,7 @@ def test_unknown_preset():
 
 
 def test_help_lists_choices():
-    assert "One of: no, fp16, bf16." in field_help("mixed_precision")
+    assert "One of: auto, no, fp16, bf16." in field_help("mixed_precision")
     assert all(field_help(name) for name in RunConfig.__dataclass_fields__)
 
 

@@ -88,7 +88,9 @@ def test_loss_falls_on_learnable_task(demo, trained):
 def test_events_and_outputs(trained):
     cfg, result, events, _ = trained
     kinds = [e.kind for e in events]
-    assert kinds[0] == "log" and "start" in kinds and kinds[-1] == "done"
+    assert kinds[0] == "plan" and "start" in kinds and kinds[-1] == "done"
+    plan = events[0].data  # the memory plan, made before any weight loaded
+    assert plan["family"] == "sd15" and plan["planned_peak_gb"] > 0 and "activations" in {r[0] for r in plan["rows"]}
     progress = [e for e in events if e.kind == "progress"]
     assert [e.step for e in progress] == list(range(1, 61)) and all(e.total == 60 for e in progress)
     assert {"loss", "lr", "it_per_s", "eta_s"} <= set(progress[-1].data)

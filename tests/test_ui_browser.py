@@ -87,7 +87,7 @@ def test_every_tab(page, shots):
     page.locator("#fill-config").click()
     page.locator("#config-status").get_by_text("Filled from the demo-image preset").wait_for()
     assert "preset: demo-image" in page.locator("#config-yaml").inner_text()
-    page.locator("#memory-estimate").get_by_text("Peak memory").wait_for()
+    page.locator("#memory-estimate").get_by_text("Memory plan").wait_for()
     run_name = page.locator("#run-name textarea, #run-name input").first.input_value()
     assert run_name.startswith("demo-image-")
     page.screenshot(path=str(shots / "2-config.png"), full_page=True)

@@ -2,7 +2,8 @@
 
 An engine loads the base model with LoRA attached, owns the dataset, computes the loss of a batch, and saves or
 exports the adapter. The loop owns everything else: optimizer, schedule, precision, accumulation, checkpoints,
-resume, stop requests and events.
+resume, out-of-memory back-off, stop requests and events. When a back-off changes the settings, the loop sets
+`engine.cfg` to the new config and calls `enable_gradient_checkpointing()` or `apply_length()`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class Engine(ABC):
         """Training samples per epoch (after repeats)."""
 
     @abstractmethod
-    def batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches as sample indices; a pure function of (seed, epoch) so resume replays it exactly."""
+    def batches(self, epoch: int, size: int) -> list[list[int]]:
+        """The epoch's groups of at most `size` sample indices, one optimizer update each (the loop splits a group
+        into micro-batches). A pure function of (seed, epoch, size, data) so resume replays it exactly."""
 
     @abstractmethod
     def collate(self, indices: list[int], epoch: int) -> Any:
@@ -52,6 +54,14 @@ class Engine(ABC):
     @abstractmethod
     def loss(self, batch: Any, rng: torch.Generator) -> torch.Tensor:
         """Mean loss of a batch; `rng` (CPU) drives all random draws so a resumed run draws the same ones."""
+
+    @abstractmethod
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass instead of keeping them (an out-of-memory back-off)."""
+
+    @abstractmethod
+    def apply_length(self, cfg: RunConfig) -> None:
+        """Adopt `cfg`'s resolution (images: re-bucket, re-encode cached latents) or max_length (text: re-tokenize)."""
 
     @abstractmethod
     def param_groups(self) -> list[dict]:

@@ -20,12 +20,15 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from studio.config import RunConfig
+from studio.data.feature_cache import CACHE_DIR, VERSION, DiskCache, Features, file_digest, model_fingerprint
 from studio.data.images import (DatasetItem, augment_caption, bucket_batches, inspect_dataset, load_pixels,
                                 make_buckets, pick_bucket)
 from studio.engines.base import Engine, Sample
 from studio.engines.sd_models import load_sd_pipeline
 from studio.errors import StudioError
 from studio.export.kohya import save_kohya_lora, to_kohya
+from studio.hardware import to_device
 from studio.preview.images import render
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -69,13 +72,12 @@ class DiffusionEngine(Engine):
         self._attach_lora()
         if cfg.init_lora:
             self._load_init_lora(Path(cfg.init_lora))
+        self._log_attention()
+        if cfg.torch_compile:
+            pipe.unet.compile()  # in place: parameter names, and so the LoRA keys, stay as they are
 
-        # Bucket sides must survive the VAE (x8) and the UNet's downsampling (x2 per extra level).
-        step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        self.side = max(step, cfg.resolution // step * step)
-        buckets = make_buckets(self.side, step) if cfg.enable_bucket else [(self.side, self.side)]
-        self.item_buckets = [pick_bucket(item.size, buckets) for item in self.items]
-        self.latent_cache = self._encode_all_latents() if cfg.cache_latents and not cfg.random_flip else None
+        self.disk_cache = self._open_disk_cache() if cfg.cache_latents_to_disk else None
+        self._bucket_and_cache()
         # Frozen text encoders see each distinct caption once; shuffled tags make captions too varied to cache.
         self.text_cache: dict[str, tuple] | None = (
             {} if not cfg.train_text_encoder and not cfg.shuffle_tags else None)
@@ -91,11 +93,42 @@ class DiffusionEngine(Engine):
                 encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **common))
                 trained.append(encoder)
         cast_training_params(trained, dtype=torch.float32)
-        if cfg.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
-            for encoder in trained[1:]:
-                encoder.gradient_checkpointing_enable()
         self._trained = trained
+        if cfg.gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    def _log_attention(self) -> None:
+        """Which attention the UNet runs: diffusers' *2_0 processors call PyTorch's fused SDPA kernels."""
+        names = sorted({type(p).__name__ for p in self.pipe.unet.attn_processors.values()})
+        fused = all(name.endswith("2_0") for name in names)
+        self.events.emit("log", message=f"UNet attention: {', '.join(names)}"
+                         + (" (PyTorch SDPA)." if fused else " — not SDPA: slower and more memory per step."))
+
+    def _open_disk_cache(self) -> DiskCache:
+        self._digests = [file_digest(item.path) for item in self.items]
+        self._cache_id = f"v{VERSION}|{model_fingerprint(self.cfg.base_model)}|{self.device.type}"
+        folder = Path(self.cfg.train_data_dir) / CACHE_DIR
+        return DiskCache(folder, lambda text: self.events.emit("log", message=text))
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.pipe.unet.enable_gradient_checkpointing()
+        for encoder in self._trained[1:]:
+            encoder.gradient_checkpointing_enable()
+
+    def _bucket_and_cache(self) -> None:
+        """Each image's bucket at cfg.resolution, and the latent cache for those buckets."""
+        cfg, pipe = self.cfg, self.pipe
+        # Bucket sides must survive the VAE (x8) and the UNet's downsampling (x2 per extra level).
+        step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        self.side = max(step, cfg.resolution // step * step)
+        buckets = make_buckets(self.side, step) if cfg.enable_bucket else [(self.side, self.side)]
+        self.item_buckets = [pick_bucket(item.size, buckets) for item in self.items]
+        self.latent_cache = None  # the old cache's memory is free before the new one is encoded
+        self.latent_cache = self._encode_all_latents() if cfg.cache_latents and not cfg.random_flip else None
+
+    def apply_length(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self._bucket_and_cache()
 
     def _lora_modules(self) -> dict[str, torch.nn.Module]:
         """Prefix → module, for the modules that carry LoRA weights (the prefixes kohya conversion expects)."""
@@ -143,16 +176,17 @@ class DiffusionEngine(Engine):
     def _encode_all_latents(self) -> list[torch.Tensor]:
         started = time.time()
         latents = [self._encode_latents([i], flips=[False])[0].cpu() for i in range(len(self.items))]
-        self.events.emit("log", message=f"Cached {len(latents)} latents in {time.time() - started:.1f}s.")
+        read = f", {self.disk_cache.hits} read from {self.disk_cache.folder}" if self.disk_cache else ""
+        self.events.emit("log", message=f"Cached {len(latents)} latents in {time.time() - started:.1f}s{read}.")
         return latents
 
     # --- data --------------------------------------------------------------------------------------------------------
     def num_samples(self) -> int:
         return len(self.items) * self.cfg.repeats
 
-    def batches(self, epoch: int) -> list[list[int]]:
+    def batches(self, epoch: int, size: int) -> list[list[int]]:
         buckets = [self.item_buckets[s % len(self.items)] for s in range(self.num_samples())]
-        return bucket_batches(buckets, self.cfg.batch_size, seed=self.cfg.seed * 100_003 + epoch)
+        return bucket_batches(buckets, size, seed=self.cfg.seed * 100_003 + epoch)
 
     def collate(self, indices: list[int], epoch: int) -> ImageBatch:
         cfg = self.cfg
@@ -179,8 +213,19 @@ class DiffusionEngine(Engine):
         time_ids = self._time_ids(items) if self.family == "sdxl" else None
         return ImageBatch(latents, captions, embeds, pooled, time_ids)
 
-    @torch.no_grad()
     def _encode_latents(self, items: list[int], flips: list[bool]) -> torch.Tensor:
+        if self.disk_cache is None:
+            return self._vae_encode(items, flips)
+        def encode(positions: list[int]) -> list[Features]:
+            latents = self._vae_encode([items[p] for p in positions], [flips[p] for p in positions])
+            return [{"latents": latent.cpu()} for latent in latents]
+
+        keys = [f"latents|{self._cache_id}|{self._digests[i]}|{self.item_buckets[i]}|flip={flip}"
+                for i, flip in zip(items, flips)]
+        return torch.stack([features["latents"] for features in self.disk_cache.fetch(keys, encode)])
+
+    @torch.no_grad()
+    def _vae_encode(self, items: list[int], flips: list[bool]) -> torch.Tensor:
         bucket = self.item_buckets[items[0]]
         pixels = torch.stack([load_pixels(self.items[i].path, bucket, flip)[0] for i, flip in zip(items, flips)])
         vae = self.pipe.vae
@@ -207,25 +252,35 @@ class DiffusionEngine(Engine):
     @torch.no_grad()
     def _cached_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         new = sorted({c for c in captions if c not in self.text_cache})
-        if new:
-            embeds, pooled = self._encode_text(new)
-            for i, caption in enumerate(new):
-                self.text_cache[caption] = (embeds[i], pooled[i] if pooled is not None else None)
+        for caption, features in zip(new, self._text_features(new) if new else []):
+            self.text_cache[caption] = (features["embeds"].to(self.device),
+                                        features["pooled"].to(self.device) if "pooled" in features else None)
         embeds = torch.stack([self.text_cache[c][0] for c in captions])
         pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.family == "sdxl" else None
         return embeds, pooled
 
+    def _text_features(self, captions: list[str]) -> list[Features]:
+        def encode(positions: list[int]) -> list[Features]:
+            embeds, pooled = self._encode_text([captions[p] for p in positions])
+            return [{"embeds": embeds[i], **({"pooled": pooled[i]} if pooled is not None else {})}
+                    for i in range(len(positions))]
+
+        if self.disk_cache is None:
+            return encode(list(range(len(captions))))
+        keys = [f"text|{self._cache_id}|{self.family}|{self.weight_dtype}|{caption}" for caption in captions]
+        return self.disk_cache.fetch(keys, encode)
+
     # --- training ----------------------------------------------------------------------------------------------------
     def loss(self, batch: ImageBatch, rng: torch.Generator) -> torch.Tensor:
-        latents = batch.latents.to(self.device, self.weight_dtype)
+        latents = to_device(batch.latents, self.device, self.weight_dtype)
         bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=rng).to(self.device, latents.dtype)
+        noise = to_device(torch.randn(latents.shape, generator=rng), self.device, latents.dtype)
         if self.cfg.noise_offset:
             # Shifts each channel's mean so the model learns to change overall brightness.
             offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=rng)
             noise = noise + self.cfg.noise_offset * offset.to(self.device, latents.dtype)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=rng)
-        timesteps = timesteps.to(self.device)
+        timesteps = to_device(timesteps, self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         if batch.embeds is None:
@@ -235,7 +290,7 @@ class DiffusionEngine(Engine):
         extra = {}
         if self.family == "sdxl":
             extra["added_cond_kwargs"] = {"text_embeds": pooled.to(self.device),
-                                          "time_ids": batch.time_ids.to(self.device, embeds.dtype)}
+                                          "time_ids": to_device(batch.time_ids, self.device, embeds.dtype)}
         pred = self.pipe.unet(noisy, timesteps, embeds.to(self.device), **extra).sample
 
         prediction_type = self.noise_scheduler.config.prediction_type

@@ -19,15 +19,20 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
+from studio.config import RunConfig
 from studio.data.text import (Example, Record, collate, ensure_chat_template, pack, raise_problems,
                               read_dataset, tokenize_records)
+from studio.engines import packed_attention
 from studio.engines.base import Engine, Sample
 from studio.engines.llm_models import load_causal_lm, load_tokenizer, pad_token_id
 from studio.errors import StudioError
 from studio.export.peft_merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, save_adapter
+from studio.hardware import to_device
 from studio.preview.chat import generate_reply
 
 ALL_LINEAR = "all-linear"
+# Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads needed).
+CHECKPOINTING = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 class LLMEngine(Engine):
@@ -48,7 +53,8 @@ class LLMEngine(Engine):
         if ensure_chat_template(self.tokenizer):
             self.events.emit("log", message=f"{cfg.base_model} has no chat template; using the default "
                                             "<|role|> template (saved with the adapter).")
-        self.examples = self._tokenize(report.records)
+        self.records = report.records
+        self.examples = self._tokenize(self.records)
         self.model = self._load_model()
         if cfg.init_lora:
             self._load_init_lora(Path(cfg.init_lora))
@@ -77,20 +83,38 @@ class LLMEngine(Engine):
         dtype = self.autocast if (self.autocast and self.device.type == "cuda") else torch.float32
         model = load_causal_lm(cfg.base_model, dtype=dtype, device=self.device, load_in_4bit=cfg.load_in_4bit,
                                compute_dtype=self.autocast or torch.bfloat16)
-        checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}  # works with frozen inputs
         if cfg.load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                    **checkpointing)
+                                                    **CHECKPOINTING)
         elif cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(**checkpointing)
+            model.gradient_checkpointing_enable(**CHECKPOINTING)
+        if cfg.packing:
+            self._attend_samples_apart(model)
         self.target_modules = target_modules(model, cfg.target_modules)
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=self.target_modules, task_type="CAUSAL_LM")
         try:
-            return get_peft_model(model, lora)  # LoRA weights stay fp32 whatever the base dtype (peft's default)
+            model = get_peft_model(model, lora)  # LoRA weights stay fp32 whatever the base dtype (peft's default)
         except ValueError as exc:
             raise StudioError(f"Cannot attach LoRA: {exc}. Set target_modules to module names of this model, or "
                               f"[{ALL_LINEAR}].") from None
+        if cfg.torch_compile:
+            model.compile()  # in place: parameter names, and so the adapter's keys, stay as they are
+        return model
+
+    def _attend_samples_apart(self, model) -> None:
+        """Packed rows: attention per sample (studio.engines.packed_attention) instead of a row-sized mask."""
+        name = packed_attention.choose(model.config, self.device)
+        if name:
+            model.set_attn_implementation(name)  # a model that cannot switch keeps its own (and says so)
+        self.events.emit("log", message=f"Attention for packed rows: {model.config._attn_implementation}.")
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing_enable(**CHECKPOINTING)  # the peft model passes it to the base model
+
+    def apply_length(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.examples = self._tokenize(self.records)
 
     def _load_init_lora(self, path: Path) -> None:
         """Start from an existing peft adapter (its folder or adapter_model.safetensors) trained with this shape."""
@@ -122,10 +146,9 @@ class LLMEngine(Engine):
     def num_samples(self) -> int:
         return len(self.examples)
 
-    def batches(self, epoch: int) -> list[list[int]]:
+    def batches(self, epoch: int, size: int) -> list[list[int]]:
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(
             self.cfg.seed * 100_003 + epoch)).tolist()
-        size = self.cfg.batch_size
         return [order[i:i + size] for i in range(0, len(order), size)]
 
     def collate(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
@@ -133,7 +156,7 @@ class LLMEngine(Engine):
 
     # --- training ----------------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: to_device(v, self.device) for k, v in batch.items()}
         # use_cache=False: no KV cache in training (and a cache would turn off the packed-sequence masking).
         return self.model(**batch, use_cache=False).loss
 

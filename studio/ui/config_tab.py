@@ -9,16 +9,16 @@ from functools import partial
 import gradio as gr
 import pandas as pd
 
-from studio.config import (FIELDS, IMAGE_TASK, TEXT_TASK, RunConfig, config_from_dict, field_help, load_preset,
-                           parse_yaml, preset_names, to_dict)
+from studio.config import FIELDS, TEXT_TASK, field_help, load_preset, parse_yaml, preset_names
 from studio.errors import StudioError
-from studio.memory_estimate import estimate_peak_memory
-from studio.suggest import detect_family, suggest_config, suggestion_yaml
+from studio.plan.report import gb_text
+from studio.suggest import suggest_config, suggestion_yaml
 from studio.ui.common import choices_update, help_table, ok, reports_errors
 from studio.ui.context import Studio
 from studio.workspace import check_name
 
 REASON_COLUMNS = ["key", "value", "why", "what it is"]
+BAR_CELLS = 30
 PRESET_LABELS = {"style": "Style (SD1.5/SDXL)", "character": "Character (SD1.5/SDXL)", "llm-chat": "LLM chat",
                  "demo-image": "Demo: tiny SD, shapes", "demo-llm": "Demo: tiny Llama, Q&A"}
 
@@ -106,21 +106,20 @@ def fill_config(studio: Studio, preset: str, dataset: str, base_model: str, run_
     data_dir = studio.dataset_path(dataset)
     out_dir = studio.workspace.run_dir(check_name(run_name or _fresh_run_name(studio, preset), "run name"))
     hw = studio.hardware
-    values, reasons = suggest_config(preset, hw, base_model=base_model or "", train_data_dir=str(data_dir),
-                                     output_dir=str(out_dir))
+    values, reasons, plan = suggest_config(preset, hw, base_model=base_model or "", train_data_dir=str(data_dir),
+                                           output_dir=str(out_dir))
     text = suggestion_yaml(values, reasons, header=f"{preset} preset on {hw.summary()}\n"
                                                    "Keys below override the preset; add any key from the list.")
     rows = [[key, _show(values.get(key)), why, field_help(key)] for key, why in reasons.items()]
-    family = detect_family(load_preset(preset).get("task_type", IMAGE_TASK), base_model or "")
-    estimate = estimate_peak_memory(values, family, _card_gb(studio))
     return (ok(f"Filled from the {preset} preset for {hw.name}. Review the YAML, then start it in the Train tab."),
-            text, pd.DataFrame(rows, columns=REASON_COLUMNS), _memory_markdown(estimate))
+            text, pd.DataFrame(rows, columns=REASON_COLUMNS), plan_markdown(plan))
 
 
 @reports_errors(outputs=2)
 def validate_config(studio: Studio, text: str):
-    cfg = parse_config(studio, text)
-    return ok(f"Valid: {cfg.task_type} run '{cfg.name}' → {cfg.output_dir}"), memory_for(studio, cfg)
+    fitted = parse_config(studio, text)
+    cfg = fitted.cfg
+    return ok(f"Valid: {cfg.task_type} run '{cfg.name}' → {cfg.output_dir}"), plan_markdown(fitted.plan)
 
 
 @reports_errors(outputs=2)
@@ -144,28 +143,28 @@ def load_config(studio: Studio, name: str):
 
 # --- shared with the Train tab ----------------------------------------------------------------------------------------
 
-def parse_config(studio: Studio, text: str) -> RunConfig:
-    """The YAML as a validated RunConfig whose data and outputs lie in the workspace (a ConfigError says why not)."""
+def parse_config(studio: Studio, text: str):
+    """The YAML validated and fitted to the card (studio.plan.fit.Fitted, as `train.py` does it), its data and outputs
+    in the workspace; a ConfigError says why not."""
+    from studio.plan.fit import fit_config
     if not (text or "").strip():
         raise StudioError("The config is empty. Pick a preset and press 'Fill from preset + hardware'.")
-    cfg = config_from_dict(parse_yaml(text, "The config"), base_dir=studio.workspace.root)
-    studio.check_confined(cfg)
-    return cfg
+    fitted = fit_config(parse_yaml(text, "The config"), studio.hardware, base_dir=studio.workspace.root)
+    studio.check_confined(fitted.cfg)
+    return fitted
 
 
-def memory_for(studio: Studio, cfg: RunConfig) -> str:
-    family = cfg.model_family if cfg.model_family != "auto" else detect_family(cfg.task_type, cfg.base_model)
-    return _memory_markdown(estimate_peak_memory(to_dict(cfg), family, _card_gb(studio)))
-
-
-def _memory_markdown(estimate) -> str:
-    icon = {"fits": "✔", "tight": "⚠", "too big": "✖", "cpu": "ℹ"}[estimate.verdict]
-    return f"**Peak memory (rough):** {icon} {estimate.summary()}"
-
-
-def _card_gb(studio: Studio) -> float | None:
-    hw = studio.hardware
-    return hw.total_gb if hw.device == "cuda" else None
+def plan_markdown(plan) -> str:
+    """The memory plan as the tab shows it: a bar (planned / card), the verdict, and the table of components."""
+    icon = {"fits": "✔", "tight": "⚠", "too big": "✖", "cpu": "ℹ"}[plan.verdict]
+    lines = [f"**Memory plan:** {icon} {plan.summary()}"]
+    if plan.card_gb:
+        filled = min(BAR_CELLS, round(BAR_CELLS * plan.peak_gb / plan.card_gb))
+        lines.append(f"`{'█' * filled}{'░' * (BAR_CELLS - filled)}` {plan.peak_gb:.1f} / {plan.card_gb:g} GB")
+    lines += ["", "| component | memory | detail |", "|---|---|---|"]
+    lines += [f"| {row.name} | {gb_text(row.gb)} | {row.note} |" for row in plan.rows]
+    lines += ["", f"_Model sizes: {plan.source}._"]
+    return "\n".join(lines)
 
 
 def _saved_configs(studio: Studio) -> list[str]:

@@ -64,12 +64,13 @@ def train_tab(studio: Studio, config_yaml: gr.Code) -> TrainTab:
 
 @reports_errors(outputs=1)
 def start_training(studio: Studio, text: str):
-    cfg = parse_config(studio, text)
+    fitted = parse_config(studio, text)
+    cfg = fitted.cfg
     out = Path(cfg.output_dir)
     if (out / "config.yaml").is_file() and not cfg.resume_from and not studio.jobs.running:
         raise StudioError(f"{out.name} already holds a run. Give this one another run name in the Config tab, "
                           "or add `resume_from: latest` to continue it.")
-    studio.jobs.start(cfg)  # refuses with a message while another job runs
+    studio.jobs.start(cfg, fitted)  # refuses with a message while another job runs
     return ok(f"Started '{cfg.name}'. Progress shows below; outputs go to {cfg.output_dir}.")
 
 

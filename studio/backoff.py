@@ -1,0 +1,97 @@
+"""The out-of-memory ladder: which setting to lower next so a run fits the card, in order.
+
+1. micro-batch: halve `batch_size` and multiply `gradient_accumulation_steps` by the same factor, so the effective
+   batch (samples per optimizer update) is unchanged (an odd size drops to its largest proper divisor);
+2. gradient checkpointing on;
+3. images: `resolution` down one 64 px notch, not below 256 px; text: `max_length` halved, not below 64 tokens
+   (a config already below a floor is not lowered).
+
+Pure functions over a RunConfig: the training loop calls them after an out-of-memory error, and the memory planner
+calls them to shrink a config until its estimate fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from studio.config import RunConfig
+
+MICRO_BATCH = "micro_batch"
+CHECKPOINTING = "checkpointing"
+RESOLUTION = "resolution"
+MAX_LENGTH = "max_length"
+
+RESOLUTION_NOTCH = 64
+MIN_RESOLUTION = 256
+MIN_MAX_LENGTH = 64
+
+_NAMES = {"batch_size": "micro-batch", "gradient_accumulation_steps": "accumulation"}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """One rung of the ladder: the config keys it changes, as key → (old, new)."""
+    kind: str
+    changes: dict[str, tuple[Any, Any]]
+
+    @property
+    def remakes_data(self) -> bool:
+        """True when the engine must re-bucket / re-tokenize its data for the new settings."""
+        return self.kind in (RESOLUTION, MAX_LENGTH)
+
+    def describe(self, step: int) -> str:
+        """'Out of memory at step 312: micro-batch 4→2, accumulation 1→2, continuing'."""
+        if self.kind == CHECKPOINTING:
+            parts = ["gradient checkpointing on"]
+        else:
+            parts = [f"{_NAMES.get(key, key)} {old}→{new}" for key, (old, new) in self.changes.items()]
+        return f"Out of memory at step {step}: {', '.join(parts)}, continuing"
+
+
+def effective_batch(cfg: RunConfig) -> int:
+    """Samples per optimizer update; a back-off never changes it."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps
+
+
+def next_backoff(cfg: RunConfig) -> Backoff | None:
+    """The next change that lowers memory use, or None when nothing is left to lower."""
+    if cfg.batch_size > 1:
+        factor = _smallest_factor(cfg.batch_size)
+        accum = cfg.gradient_accumulation_steps
+        return Backoff(MICRO_BATCH, {"batch_size": (cfg.batch_size, cfg.batch_size // factor),
+                                     "gradient_accumulation_steps": (accum, accum * factor)})
+    if not cfg.gradient_checkpointing:
+        return Backoff(CHECKPOINTING, {"gradient_checkpointing": (False, True)})
+    if cfg.is_image:
+        lower = max(min(MIN_RESOLUTION, cfg.resolution), (cfg.resolution - 1) // RESOLUTION_NOTCH * RESOLUTION_NOTCH)
+        if lower < cfg.resolution:
+            return Backoff(RESOLUTION, {"resolution": (cfg.resolution, lower)})
+    else:
+        lower = max(min(MIN_MAX_LENGTH, cfg.max_length), cfg.max_length // 2)
+        if lower < cfg.max_length:
+            return Backoff(MAX_LENGTH, {"max_length": (cfg.max_length, lower)})
+    return None
+
+
+def apply_backoff(cfg: RunConfig, backoff: Backoff) -> RunConfig:
+    """A copy of `cfg` with the back-off's new values."""
+    return dataclasses.replace(cfg, **{key: new for key, (_, new) in backoff.changes.items()})
+
+
+def exhausted_message(cfg: RunConfig, step: int) -> str:
+    """What to change when even the smallest settings run out of memory."""
+    floor = f"resolution {cfg.resolution}" if cfg.is_image else f"max_length {cfg.max_length}"
+    if cfg.is_image:
+        advice = ("lower lora_rank, set train_text_encoder: false, use mixed_precision: fp16 or bf16 on a GPU, "
+                  "train an SD1.5 rather than an SDXL model, or use a GPU with more memory")
+    else:
+        advice = ("lower lora_rank, set load_in_4bit: true (QLoRA), use mixed_precision: bf16 on a GPU, train a "
+                  "smaller model, or use a GPU with more memory")
+    return (f"Out of memory at step {step} even with micro-batch 1, gradient checkpointing on and {floor}. "
+            f"To fit this card, {advice}.")
+
+
+def _smallest_factor(n: int) -> int:
+    return next(f for f in range(2, n + 1) if n % f == 0)

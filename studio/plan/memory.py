@@ -1,0 +1,77 @@
+"""The memory plan of a run: one row per thing the card holds, before any weight is loaded.
+
+Parameter counts come from the model built on the meta device from its configs; activations from tracing one
+micro-batch there (studio/plan/trace.py). Rows: frozen weights at their storage dtype, LoRA weights, gradients and
+optimizer state, activations of one micro-batch (with or without gradient checkpointing), the backward pass's
+working set, cached text embeddings, and the CUDA context. The verdict compares the sum with the card.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio.config import RunConfig
+from studio.plan import probes
+from studio.plan.probes import TEXT_TOKENS, Shape
+from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow
+
+CUDA_CONTEXT_GB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator statistics
+NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 absmax (double quant)
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # state per trained parameter
+
+
+def weight_dtype(cfg: RunConfig, on_gpu: bool) -> torch.dtype:
+    """The dtype the engines store frozen weights in (and the trace runs in): the autocast dtype on GPUs."""
+    if not on_gpu or cfg.mixed_precision in ("no", "auto"):
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+
+def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bool = False,
+                caption_count: int = 0) -> MemoryPlan:
+    """The memory plan of `cfg` (family 'sd15' / 'sdxl' / 'llm') on a card of `card_gb` (None: CPU)."""
+    on_gpu = card_gb is not None
+    dtype = weight_dtype(cfg, on_gpu)
+    length = cfg.max_length if family == "llm" else cfg.resolution
+    shape = Shape(family, cfg.base_model, cfg.lora_rank, tuple(cfg.target_modules) if cfg.target_modules else None,
+                  cfg.train_text_encoder and family != "llm", dtype)
+    found, trace = probes.build(shape), probes.trace(shape, length)
+    size = torch.finfo(dtype).bits // 8
+    rows = _weight_rows(cfg, family, found, size, on_gpu)
+    lora = found.lora_params
+    rows.append(PlanRow("LoRA weights + gradients", lora * 8 / GB, f"{lora / 1e6:.1f} M parameters, fp32"))
+    rows.append(PlanRow("optimizer state", lora * OPTIMIZER_BYTES[cfg.optimizer] / GB, cfg.optimizer))
+    unit = "px" if family != "llm" else "tokens"
+    ckpt = "with" if cfg.gradient_checkpointing else "without"
+    rows.append(PlanRow("activations", trace.activations(cfg.gradient_checkpointing) * cfg.batch_size / GB,
+                        f"micro-batch {cfg.batch_size} at {length} {unit}, {ckpt} gradient checkpointing"))
+    rows.append(PlanRow("backward working set", trace.backward_peak() * cfg.batch_size / GB,
+                        "gradients of one block's activations"))
+    if family != "llm" and not cfg.train_text_encoder and caption_count:
+        rows.append(PlanRow("cached text embeddings", caption_count * TEXT_TOKENS * found.text_width * size / GB,
+                            f"{caption_count} captions"))
+    if on_gpu:
+        rows.append(PlanRow(CONTEXT_ROW, CUDA_CONTEXT_GB, "context and cuBLAS/cuDNN workspaces (not in torch's "
+                                                          "allocated memory)"))
+    return MemoryPlan(rows, card_gb, found.source.note, probes.flops(shape, length) if flops else None)
+
+
+def _weight_rows(cfg: RunConfig, family: str, found, size: int, on_gpu: bool) -> list[PlanRow]:
+    dtype_name = {4: "fp32", 2: "bf16" if cfg.mixed_precision == "bf16" else "fp16"}[size]
+    if family == "llm":
+        total = found.frozen["model"]
+        if cfg.load_in_4bit:
+            rest = total - found.quantizable
+            # peft's prepare_model_for_kbit_training upcasts every non-quantized weight (embeddings, norms) to fp32.
+            return [PlanRow("weights, 4-bit layers", found.quantizable * NF4_BYTES / GB,
+                            f"{found.quantizable / 1e9:.2f} B parameters in NF4"),
+                    PlanRow("weights, embeddings + norms", rest * 4 / GB,
+                            f"{rest / 1e9:.2f} B parameters, fp32 (peft's k-bit preparation)")]
+        return [PlanRow("weights", total * size / GB, f"{total / 1e9:.2f} B parameters, {dtype_name}")]
+    rows = []
+    for name, params in found.frozen.items():
+        vae = name == "vae"  # the engine keeps the VAE in fp32: SD VAEs overflow in fp16
+        rows.append(PlanRow(f"{name} weights", params * (4 if vae else size) / GB,
+                            f"{params / 1e6:.0f} M parameters, {'fp32' if vae else dtype_name}"))
+    return rows
+

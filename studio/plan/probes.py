@@ -1,0 +1,148 @@
+"""Per task: build the trainable model on the meta device as the engine would, and a forward pass that returns the
+loss. The planner traces it (studio/plan/trace.py) for activation bytes and FLOPs, and counts its parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from studio.plan.models import (IMAGE_COMPONENTS, ModelSource, build_image_component, build_llm, image_source,
+                                llm_source, param_count)
+from studio.plan.trace import Trace, count_flops, trace_saved
+
+TEXT_TOKENS = 77  # CLIP's context: every SD caption is padded to it
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the built model depends on (the length is traced separately: one build serves every notch)."""
+    family: str
+    base_model: str
+    rank: int
+    targets: tuple[str, ...] | None
+    train_text_encoder: bool
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Built:
+    """The trainable model on the meta device and what it takes to run it."""
+    source: ModelSource
+    frozen: dict[str, int]  # component → parameter count
+    lora_params: int
+    quantizable: int  # LLMs: parameters of the decoder's linear layers, the ones 4-bit loading quantizes
+    text_width: int  # images: width of the text embeddings the UNet reads (cached per caption)
+    model: torch.nn.Module
+    run: Callable[[int], torch.Tensor]  # forward at a resolution / max_length, returning the loss
+    checkpointing: Callable[[torch.nn.Module, Callable], None]
+
+
+@lru_cache(maxsize=8)
+def build(shape: Shape) -> Built:
+    return _build_llm(shape) if shape.family == "llm" else _build_image(shape)
+
+
+@lru_cache(maxsize=128)
+def trace(shape: Shape, length: int) -> Trace:
+    built = build(shape)
+    return trace_saved(built.model, lambda: built.run(length), built.checkpointing)
+
+
+@lru_cache(maxsize=32)
+def flops(shape: Shape, length: int) -> int:
+    """Forward + backward FLOPs of one sample (a few seconds for full-size models: on demand only)."""
+    built = build(shape)
+    return count_flops(lambda: built.run(length))
+
+
+# --- images (SD1.5 / SDXL) -------------------------------------------------------------------------------------------
+
+def _build_image(shape: Shape) -> Built:
+    from peft import LoraConfig
+
+    from studio.engines.diffusion import TEXT_ENCODER_TARGETS, UNET_TARGETS
+
+    source = image_source(shape.base_model, shape.family)
+    parts = {name: build_image_component(source, name) for name in IMAGE_COMPONENTS}
+    frozen = {name: param_count(module) for name, module in parts.items() if module is not None}
+    unet, vae = parts["unet"], parts["vae"]
+    encoders = [m for name, m in parts.items() if name.startswith("text_encoder") and m is not None]
+    lora = dict(r=shape.rank, lora_alpha=shape.rank, init_lora_weights="gaussian")
+    unet.add_adapter(LoraConfig(target_modules=list(shape.targets or UNET_TARGETS), **lora))
+    trained = [unet]
+    if shape.train_text_encoder:
+        for encoder in encoders:
+            encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **lora))
+            trained.append(encoder)
+    lora_params = sum(p.numel() for m in trained for p in m.parameters() if p.requires_grad)
+    for module in trained:
+        module.to(shape.dtype).train()
+
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    config = unet.config
+
+    def run(resolution: int) -> torch.Tensor:
+        kwargs = {}
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + size conditioning
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": _meta(1, pooled, dtype=shape.dtype),
+                                           "time_ids": _meta(1, 6, dtype=shape.dtype)}
+        if shape.train_text_encoder:
+            ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device="meta")
+            embeds = torch.cat([enc(ids, output_hidden_states=True).hidden_states[-2] for enc in trained[1:]], -1)
+        else:
+            embeds = _meta(1, TEXT_TOKENS, config.cross_attention_dim, dtype=shape.dtype)
+        noisy = _meta(1, config.in_channels, resolution // scale, resolution // scale, dtype=shape.dtype)
+        pred = unet(noisy, torch.zeros(1, dtype=torch.long, device="meta"), embeds, **kwargs).sample
+        return F.mse_loss(pred.float(), torch.empty_like(pred, dtype=torch.float32))
+
+    def checkpointing(model, func):
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=func)
+        for encoder in trained[1:]:
+            _transformers_checkpointing(encoder, func)
+
+    return Built(source, frozen, lora_params, 0, config.cross_attention_dim, unet, run, checkpointing)
+
+
+# --- causal LMs ------------------------------------------------------------------------------------------------------
+
+def _build_llm(shape: Shape) -> Built:
+    from peft import LoraConfig, get_peft_model
+
+    from studio.engines.llm import target_modules
+
+    source = llm_source(shape.base_model)
+    model = build_llm(source)
+    frozen = {"model": param_count(model)}
+    embeddings = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    quantizable = sum(m.weight.numel() for m in model.modules()
+                      if isinstance(m, torch.nn.Linear) and id(m) not in embeddings)
+    targets = target_modules(model, list(shape.targets) if shape.targets else None)
+    model = get_peft_model(model, LoraConfig(r=shape.rank, lora_alpha=shape.rank, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.to(shape.dtype).train()
+
+    def run(length: int) -> torch.Tensor:
+        ids = torch.zeros(1, length, dtype=torch.long, device="meta")
+        # A ready 4-D mask: transformers' mask building reads values, which meta tensors do not have.
+        mask = torch.ones(1, 1, length, length, dtype=torch.bool, device="meta")
+        return model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+
+    return Built(source, frozen, lora_params, quantizable, 0, model, run, _transformers_checkpointing)
+
+
+def _transformers_checkpointing(model: torch.nn.Module, func: Callable) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = func
+
+
+def _meta(*size: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(*size, dtype=dtype, device="meta")
+
