@@ -6,15 +6,16 @@
 3. images: `resolution` down one 64 px notch, not below 256 px; text: `max_length` halved, not below 64 tokens
    (a config already below a floor is not lowered).
 
-Pure functions over a RunConfig: the training loop calls them after an out-of-memory error, and the memory planner
-calls them to shrink a config until its estimate fits.
+Pure functions over a RunConfig: the training loop calls them after an out-of-memory error (RUNTIME_LADDER), and the
+memory planner calls them, with 4-bit weights and 8-bit AdamW added, to shrink a config until its plan fits
+(PLAN_LADDER).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from studio.config import RunConfig
 
@@ -22,6 +23,8 @@ MICRO_BATCH = "micro_batch"
 CHECKPOINTING = "checkpointing"
 RESOLUTION = "resolution"
 MAX_LENGTH = "max_length"
+QUANTIZE = "quantize"
+OPTIMIZER = "optimizer"
 
 RESOLUTION_NOTCH = 64
 MIN_RESOLUTION = 256
@@ -55,23 +58,57 @@ def effective_batch(cfg: RunConfig) -> int:
     return cfg.batch_size * cfg.gradient_accumulation_steps
 
 
-def next_backoff(cfg: RunConfig) -> Backoff | None:
-    """The next change that lowers memory use, or None when nothing is left to lower."""
-    if cfg.batch_size > 1:
-        factor = _smallest_factor(cfg.batch_size)
-        accum = cfg.gradient_accumulation_steps
-        return Backoff(MICRO_BATCH, {"batch_size": (cfg.batch_size, cfg.batch_size // factor),
-                                     "gradient_accumulation_steps": (accum, accum * factor)})
-    if not cfg.gradient_checkpointing:
-        return Backoff(CHECKPOINTING, {"gradient_checkpointing": (False, True)})
+def lower_micro_batch(cfg: RunConfig) -> Backoff | None:
+    if cfg.batch_size <= 1:
+        return None
+    factor = _smallest_factor(cfg.batch_size)
+    accum = cfg.gradient_accumulation_steps
+    return Backoff(MICRO_BATCH, {"batch_size": (cfg.batch_size, cfg.batch_size // factor),
+                                 "gradient_accumulation_steps": (accum, accum * factor)})
+
+
+def turn_on_checkpointing(cfg: RunConfig) -> Backoff | None:
+    return None if cfg.gradient_checkpointing else Backoff(CHECKPOINTING, {"gradient_checkpointing": (False, True)})
+
+
+def lower_length(cfg: RunConfig) -> Backoff | None:
+    """Images: one resolution notch; text: half the max_length; never below the floor (or below where it is)."""
     if cfg.is_image:
         lower = max(min(MIN_RESOLUTION, cfg.resolution), (cfg.resolution - 1) // RESOLUTION_NOTCH * RESOLUTION_NOTCH)
-        if lower < cfg.resolution:
-            return Backoff(RESOLUTION, {"resolution": (cfg.resolution, lower)})
-    else:
-        lower = max(min(MIN_MAX_LENGTH, cfg.max_length), cfg.max_length // 2)
-        if lower < cfg.max_length:
-            return Backoff(MAX_LENGTH, {"max_length": (cfg.max_length, lower)})
+        return Backoff(RESOLUTION, {"resolution": (cfg.resolution, lower)}) if lower < cfg.resolution else None
+    lower = max(min(MIN_MAX_LENGTH, cfg.max_length), cfg.max_length // 2)
+    return Backoff(MAX_LENGTH, {"max_length": (cfg.max_length, lower)}) if lower < cfg.max_length else None
+
+
+def quantize_weights(cfg: RunConfig) -> Backoff | None:
+    """LLMs: 4-bit NF4 base weights (QLoRA). Planning only: a loaded model is not re-quantized mid-run."""
+    if cfg.is_image or cfg.load_in_4bit:
+        return None
+    return Backoff(QUANTIZE, {"load_in_4bit": (False, True)})
+
+
+def eight_bit_optimizer(cfg: RunConfig) -> Backoff | None:
+    """8-bit AdamW state. Planning only: the optimizer state is not converted mid-run."""
+    return None if cfg.optimizer != "adamw" else Backoff(OPTIMIZER, {"optimizer": ("adamw", "adamw8bit")})
+
+
+Rung = Callable[[RunConfig], "Backoff | None"]
+# At run time, after an out-of-memory error: what can change without reloading the model.
+RUNTIME_LADDER: tuple[Rung, ...] = (lower_micro_batch, turn_on_checkpointing, lower_length)
+# Planning ahead (studio/plan/fit.py): checkpointing first, since it keeps the batch (the GPU's efficiency) for
+# ~30 % more compute; weight and optimizer formats can still be chosen; resolution / max_length come last.
+PLAN_LADDER: tuple[Rung, ...] = (turn_on_checkpointing, lower_micro_batch, quantize_weights, eight_bit_optimizer,
+                                 lower_length)
+
+
+def next_backoff(cfg: RunConfig, ladder: tuple[Rung, ...] = RUNTIME_LADDER,
+                 keep: frozenset[str] | set[str] = frozenset()) -> Backoff | None:
+    """The first rung of `ladder` that lowers memory use without touching a key in `keep` (the user's own keys),
+    or None when nothing is left to lower."""
+    for rung in ladder:
+        backoff = rung(cfg)
+        if backoff and not keep.intersection(backoff.changes):
+            return backoff
     return None
 
 

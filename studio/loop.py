@@ -71,10 +71,10 @@ def train(cfg: RunConfig, events: EventSink | None = None, stop: threading.Event
 
 
 def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fitted: Fitted | None) -> RunResult:
+    plan = report_plan(cfg, fitted, events)  # first: building the planner's meta model may draw random numbers
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     configure_backends(device)
-    plan = report_plan(cfg, fitted, events)
     autocast = autocast_dtype(cfg.mixed_precision, device)
     engine = make_engine(cfg, device, autocast, events)
     events.emit("log", message=f"Loading {cfg.base_model} on {device.type}...")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from studio.backoff import PLAN_LADDER, apply_backoff, next_backoff
 from studio.config import RunConfig, config_from_dict
 from studio.hardware import Hardware, auto_precision, detect
 from studio.plan.memory import plan_memory
@@ -22,8 +22,6 @@ from studio.suggest import detect_family
 
 # Where the family's own resolution applies when neither the user nor the preset chose one.
 NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
-MIN_RESOLUTION, RESOLUTION_NOTCH = 256, 64
-MIN_MAX_LENGTH = 64
 MAX_STEPS = 64  # ladder steps before giving up (each halves or lowers something: far more than ever needed)
 
 
@@ -74,10 +72,10 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
     for _ in range(MAX_STEPS):
         if plan.fits:
             break
-        step = next((s for s in LADDER if s.applies(cfg, user, family)), None)
+        step = next_backoff(cfg, PLAN_LADDER, keep=user)
         if step is None:
             break
-        cfg = step.apply(cfg)
+        cfg = apply_backoff(cfg, step)
         plan = plan_memory(cfg, family, card)
     if not plan.fits:  # nothing fits: keep the preset's quality, the plan says what is over
         cfg = dataclasses.replace(cfg, **{key: getattr(intent, key) for key in QUALITY_KEYS})
@@ -90,41 +88,8 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
     return Fitted(cfg, family, plan, {k: reasons[k] for k in MEMORY_KEYS if k in reasons})
 
 
-# --- the ladder --------------------------------------------------------------------------------------------------------
+# --- helpers ----------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Step:
-    keys: tuple[str, ...]
-    applies: Callable[[RunConfig, set, str], bool]
-    apply: Callable[[RunConfig], RunConfig]
-
-
-def _free(cfg_user: set, *keys: str) -> bool:
-    return not cfg_user.intersection(keys)
-
-
-# Planning ahead, checkpointing comes first: it keeps the batch (the GPU's efficiency) for ~30 % more compute.
-LADDER = [
-    Step(("gradient_checkpointing",),
-         lambda c, u, f: not c.gradient_checkpointing and _free(u, "gradient_checkpointing"),
-         lambda c: dataclasses.replace(c, gradient_checkpointing=True)),
-    Step(("batch_size", "gradient_accumulation_steps"),
-         lambda c, u, f: c.batch_size > 1 and _free(u, "batch_size", "gradient_accumulation_steps"),
-         lambda c: dataclasses.replace(c, batch_size=c.batch_size // 2,
-                                       gradient_accumulation_steps=c.gradient_accumulation_steps * 2)),
-    Step(("load_in_4bit",),
-         lambda c, u, f: f == "llm" and not c.load_in_4bit and _free(u, "load_in_4bit"),
-         lambda c: dataclasses.replace(c, load_in_4bit=True)),
-    Step(("optimizer",),
-         lambda c, u, f: c.optimizer == "adamw" and _free(u, "optimizer"),
-         lambda c: dataclasses.replace(c, optimizer="adamw8bit")),
-    Step(("resolution",),
-         lambda c, u, f: f != "llm" and c.resolution - RESOLUTION_NOTCH >= MIN_RESOLUTION and _free(u, "resolution"),
-         lambda c: dataclasses.replace(c, resolution=c.resolution - RESOLUTION_NOTCH)),
-    Step(("max_length",),
-         lambda c, u, f: f == "llm" and c.max_length // 2 >= MIN_MAX_LENGTH and _free(u, "max_length"),
-         lambda c: dataclasses.replace(c, max_length=c.max_length // 2)),
-]
 QUALITY_KEYS = ("resolution", "max_length")  # lowered only when that makes the run fit
 MEMORY_KEYS = ("mixed_precision", "batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
                "load_in_4bit", "optimizer", "resolution", "max_length")
@@ -134,7 +99,7 @@ BASE_KEYS = ("batch_size", "gradient_checkpointing")  # always explained, change
 def _regrow_batch(cfg, intent, user, family, card, plan):
     """After the ladder (checkpointing, 4-bit... free a lot), give back micro-batch while it still fits."""
     while (cfg.batch_size < intent.batch_size and cfg.gradient_accumulation_steps % 2 == 0
-           and _free(user, "batch_size", "gradient_accumulation_steps")):
+           and not user.intersection(("batch_size", "gradient_accumulation_steps"))):
         bigger = dataclasses.replace(cfg, batch_size=cfg.batch_size * 2,
                                      gradient_accumulation_steps=cfg.gradient_accumulation_steps // 2)
         bigger_plan = plan_memory(bigger, family, card)
@@ -145,10 +110,10 @@ def _regrow_batch(cfg, intent, user, family, card, plan):
 
 
 def _why(key: str, intent: RunConfig, cfg: RunConfig, plan: MemoryPlan, given: str | None) -> str:
-    before, after = getattr(intent, key), getattr(cfg, key)
+    before, after, card = getattr(intent, key), getattr(cfg, key), _card_text(plan.card_gb)
     if before == after:
-        return given or f"{after}: the plan fits {_card_text(plan.card_gb)} without changing it"
-    card = _card_text(plan.card_gb)
+        return given or (f"{after}: fits {card} as it is" if plan.fits
+                         else f"{after}: kept (nothing the fit may change brings the plan under {card})")
     if key == "gradient_accumulation_steps":
         return f"{before}→{after}: keeps the effective batch at {cfg.batch_size * after}"
     return f"{before}→{after} to fit {card}" + ("" if plan.fits else " (still over: see the plan)")
