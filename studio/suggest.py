@@ -22,7 +22,7 @@ from studio.config import TEXT_TASK
 
 if TYPE_CHECKING:  # studio.hardware imports torch; the UI imports this module at start-up
     from studio.hardware import Hardware
-    from studio.plan.report import MemoryPlan
+    from studio.plan.fit import Fitted
 
 # model_index.json class → family; kept here (not imported from studio.engines) so no diffusers import is needed.
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
@@ -47,8 +47,8 @@ def detect_family(task_type: str, base_model: str) -> str:
 
 
 def suggest_config(preset: str, hardware: Hardware, family: str = "auto", *, base_model: str = "",
-                   train_data_dir: str = "", output_dir: str = "", **extra) -> tuple[dict, dict, MemoryPlan]:
-    """(values, reasons, plan): the preset's name, the paths, and the memory-bound keys the fit chose for `hardware`.
+                   train_data_dir: str = "", output_dir: str = "", **extra) -> tuple[dict, dict, Fitted]:
+    """(values, reasons, fitted): the preset's name, the paths, and the memory-bound keys the fit chose for `hardware`.
 
     The same `fit_config` the CLI runs at start: the preset keeps its intent, the memory plan lowers only what the card
     requires. `extra` keys count as the user's (they win, and the fit leaves them alone).
@@ -62,7 +62,7 @@ def suggest_config(preset: str, hardware: Hardware, family: str = "auto", *, bas
                                                                           for k in fitted.reasons}, **extra}
     reasons = {"preset": f"{preset} preset, fitted to {hardware.name} ({fitted.family}): "
                          f"{fitted.plan.summary()}", **fitted.reasons}
-    return values, reasons, fitted.plan
+    return values, reasons, fitted
 
 
 def suggestion_yaml(values: dict, reasons: dict, header: str = "") -> str:

@@ -135,3 +135,20 @@ def test_plan_on_the_cli_loads_no_weights(tmp_path):
 def test_readme_vram_table_is_the_planners():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert vram_table() in readme, "README's VRAM table is stale: paste `python -m studio.plan.reference`"
+
+
+def test_time_estimate_from_an_earlier_run_on_this_card(demo, tmp_path):
+    from studio.loop import train
+    from studio.plan.speed import estimate_text, run_signature
+
+    data = {"preset": "demo-image", "base_model": str(demo.sd15), "train_data_dir": str(demo.images),
+            "output_dir": str(tmp_path / "runs" / "first"), "max_train_steps": 3, "sample_prompts": []}
+    first = fit_config(data, CPU)
+    signature = run_signature(first.cfg, first.family, CPU.name)
+    assert "no estimate yet" in estimate_text(first.cfg, tmp_path / "runs", signature)
+    train(first.cfg, fitted=first)
+    later = fit_config({**data, "max_train_steps": 3000, "output_dir": str(tmp_path / "runs" / "second")}, CPU)
+    text = estimate_text(later.cfg, tmp_path / "runs", signature)
+    assert text.startswith("Time: about") and "run first" in text
+    bigger = run_signature(fit_config({**data, "resolution": 128}, CPU).cfg, "sd15", CPU.name)
+    assert "no estimate yet" in estimate_text(later.cfg, tmp_path / "runs", bigger)  # another size: not comparable

@@ -11,6 +11,7 @@ from studio.hardware import detect
 from studio.plan.fit import Fitted, card_memory
 from studio.plan.memory import plan_memory
 from studio.plan.report import MemoryPlan
+from studio.plan.speed import run_signature
 from studio.suggest import detect_family
 
 
@@ -26,6 +27,8 @@ def report_plan(cfg: RunConfig, fitted: Fitted | None, events: EventSink) -> Mem
         return None
     message = fitted.report() if fitted else f"Memory plan ({plan.source}):\n{plan.table()}"
     events.emit("plan", message=message, family=family, device=hardware.name, planned_peak_gb=plan.peak_gb,
+                signature=run_signature(cfg, family, hardware.name),
+                effective_batch=cfg.batch_size * cfg.gradient_accumulation_steps,
                 planned_allocated_gb=plan.allocated_gb, reasons=fitted.reasons if fitted else {},
                 rows=[[row.name, row.gb, row.note] for row in plan.rows])
     return plan

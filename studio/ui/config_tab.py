@@ -12,6 +12,7 @@ import pandas as pd
 from studio.config import FIELDS, TEXT_TASK, field_help, load_preset, parse_yaml, preset_names
 from studio.errors import StudioError
 from studio.plan.report import gb_text
+from studio.plan.speed import estimate_text, run_signature
 from studio.suggest import suggest_config, suggestion_yaml
 from studio.ui.common import choices_update, help_table, ok, reports_errors
 from studio.ui.context import Studio
@@ -106,20 +107,20 @@ def fill_config(studio: Studio, preset: str, dataset: str, base_model: str, run_
     data_dir = studio.dataset_path(dataset)
     out_dir = studio.workspace.run_dir(check_name(run_name or _fresh_run_name(studio, preset), "run name"))
     hw = studio.hardware
-    values, reasons, plan = suggest_config(preset, hw, base_model=base_model or "", train_data_dir=str(data_dir),
+    values, reasons, fitted = suggest_config(preset, hw, base_model=base_model or "", train_data_dir=str(data_dir),
                                            output_dir=str(out_dir))
     text = suggestion_yaml(values, reasons, header=f"{preset} preset on {hw.summary()}\n"
                                                    "Keys below override the preset; add any key from the list.")
     rows = [[key, _show(values.get(key)), why, field_help(key)] for key, why in reasons.items()]
     return (ok(f"Filled from the {preset} preset for {hw.name}. Review the YAML, then start it in the Train tab."),
-            text, pd.DataFrame(rows, columns=REASON_COLUMNS), plan_markdown(plan))
+            text, pd.DataFrame(rows, columns=REASON_COLUMNS), plan_markdown(studio, fitted))
 
 
 @reports_errors(outputs=2)
 def validate_config(studio: Studio, text: str):
     fitted = parse_config(studio, text)
     cfg = fitted.cfg
-    return ok(f"Valid: {cfg.task_type} run '{cfg.name}' → {cfg.output_dir}"), plan_markdown(fitted.plan)
+    return ok(f"Valid: {cfg.task_type} run '{cfg.name}' → {cfg.output_dir}"), plan_markdown(studio, fitted)
 
 
 @reports_errors(outputs=2)
@@ -154,8 +155,11 @@ def parse_config(studio: Studio, text: str):
     return fitted
 
 
-def plan_markdown(plan) -> str:
-    """The memory plan as the tab shows it: a bar (planned / card), the verdict, and the table of components."""
+def plan_markdown(studio: Studio, fitted) -> str:
+    """The memory plan as the tab shows it: a bar (planned / card), the verdict, the table of components, and the
+    run's time at the speed an earlier run of this size reached on this card."""
+    plan = fitted.plan
+    signature = run_signature(fitted.cfg, fitted.family, studio.hardware.name)
     icon = {"fits": "✔", "tight": "⚠", "too big": "✖", "cpu": "ℹ"}[plan.verdict]
     lines = [f"**Memory plan:** {icon} {plan.summary()}"]
     if plan.card_gb:
@@ -163,7 +167,7 @@ def plan_markdown(plan) -> str:
         lines.append(f"`{'█' * filled}{'░' * (BAR_CELLS - filled)}` {plan.peak_gb:.1f} / {plan.card_gb:g} GB")
     lines += ["", "| component | memory | detail |", "|---|---|---|"]
     lines += [f"| {row.name} | {gb_text(row.gb)} | {row.note} |" for row in plan.rows]
-    lines += ["", f"_Model sizes: {plan.source}._"]
+    lines += ["", f"_Model sizes: {plan.source}._", "", estimate_text(fitted.cfg, studio.workspace.runs, signature)]
     return "\n".join(lines)
 
 
