@@ -1,8 +1,9 @@
 """LLM LoRA training benchmark on the tiny Llama (CPU or GPU), all figures measured in one run.
 
-1. Tokens/s of the studio trainer (studio.loop.train) vs a minimal hand-written transformers+peft loop doing the
-   same work: same model, conversations, batch size, LoRA targets and rank, AdamW with gradient clipping.
-   Target: trainer / reference >= 0.95.
+1. Tokens/s of the studio trainer (studio.loop.train) vs two references doing the same work (same model,
+   conversations, batch size, LoRA targets and rank, AdamW with gradient clipping): a minimal hand-written
+   transformers+peft loop, and TRL's SFTTrainer (fp32, no gradient checkpointing, like the others).
+   Target: trainer / each reference >= 0.95.
 2. The trainer with packing off vs on: the same conversations, padded batches vs rows packed to max_length.
 
 Tokens are the real (non-padding) tokens of the dataset; a run is timed from the end of its first epoch (which
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local models only: never wait on a hub lookup
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 from bench.results import update_results  # noqa: E402
 from studio.config import config_from_dict  # noqa: E402
@@ -98,15 +100,40 @@ def reference_tokens_per_s(model_dir: Path, chats: list[list[dict]]) -> tuple[fl
     return tokens * (EPOCHS - 1) / (epoch_ends[-1] - epoch_ends[0]), tokens
 
 
+def trl_tokens_per_s(model_dir: Path, chats: list[list[dict]], out: Path) -> tuple[float, int]:
+    """TRL's SFTTrainer as its docs set it up, with the settings the other loops use."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    epoch_ends: list[float] = []
+
+    class EpochTimes(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            epoch_ends.append(time.perf_counter())
+
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS,
+                     learning_rate=1e-4, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant",
+                     max_length=MAX_LENGTH, gradient_checkpointing=False, bf16=False, report_to="none",
+                     save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                         train_dataset=Dataset.from_list([{"messages": c} for c in chats]),
+                         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[EpochTimes()],
+                         peft_config=LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    tokens = sum(len(row["input_ids"]) for row in trainer.train_dataset)
+    trainer.train()
+    return tokens * (EPOCHS - 1) / (epoch_ends[-1] - epoch_ends[0]), tokens
+
+
 def main() -> str:
     tmp = Path(tempfile.mkdtemp())
     demo = ensure_demo(tmp / "ws")
     chats = make_chats(tmp / "data")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runs: dict[str, list[float]] = {"reference": [], "trainer": [], "packed": []}
+    runs: dict[str, list[float]] = {"reference": [], "trl": [], "trainer": [], "packed": []}
     counts = {}
     for i in range(REPEATS):  # interleaved, order alternating: whichever runs first in a round is slower
         round_ = [("reference", lambda: reference_tokens_per_s(demo.llama, chats)),
+                  ("trl", lambda: trl_tokens_per_s(demo.llama, chats, tmp / f"trl{i}")),
                   ("trainer", lambda: trainer_tokens_per_s(demo.llama, tmp / "data", tmp / f"run{i}", False)),
                   ("packed", lambda: trainer_tokens_per_s(demo.llama, tmp / "data", tmp / f"packed{i}", True))]
         for name, run in (round_ if i % 2 == 0 else round_[::-1]):
@@ -122,9 +149,11 @@ def main() -> str:
              f"(first not timed), on {device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
              "| loop | tokens/s (median of 4, order alternating) |", "|---|---|",
              f"| hand-written transformers+peft (padding + attention mask) | {rate['reference']:,.0f} |",
+             f"| TRL {version('trl')} SFTTrainer (padding, fused AdamW) | {rate['trl']:,.0f} |",
              f"| studio trainer, packing off | {rate['trainer']:,.0f} |",
              f"| studio trainer, packing on (max_length {MAX_LENGTH}) | {rate['packed']:,.0f} |", "",
-             f"**trainer / reference = {rate['trainer'] / rate['reference']:.3f}** (target >= 0.95); "
+             f"**trainer / reference = {rate['trainer'] / rate['reference']:.3f}, trainer / TRL = "
+             f"{rate['trainer'] / rate['trl']:.3f}** (target >= 0.95); "
              f"packing on / off = {rate['packed'] / rate['trainer']:.2f}"]
     return "\n".join(lines)
 

@@ -180,14 +180,18 @@ def test_qlora_path_trains_in_4bit(demo, tmp_path, monkeypatch):
 
     def spy(self):
         seen["4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in self.model.modules())
+        seen["tables"] = {m.weight.dtype for m in (self.model.get_input_embeddings(),
+                                                   self.model.get_output_embeddings())}
         return original(self)
 
     monkeypatch.setattr(LLMEngine, "param_groups", spy)
     events = []
     run = train(llm_config(demo, tmp_path / "q", load_in_4bit=True, max_train_steps=20, sample_every_steps=0,
-                           gradient_checkpointing=True, save_merged_model=True), EventSink([events.append]))
+                           gradient_checkpointing=True, save_merged_model=True, mixed_precision="bf16"),
+                EventSink([events.append]))
     losses = [e.data["loss"] for e in events if e.kind == "progress"]
     assert seen["4bit"] == 14 and losses[-1] < losses[0] - 0.5  # 7 linear layers x 2 blocks are NF4
+    assert seen["tables"] == {torch.bfloat16}  # peft's fp32 upcast of the embedding tables undone under autocast
     assert (run.files[0] / "adapter_model.safetensors").is_file() and (run.files[1] / "config.json").is_file()
 
 

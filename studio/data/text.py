@@ -410,9 +410,10 @@ def assistant_spans(messages: list[dict], text: str,
 def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Pack examples into rows of at most max_length tokens (first-fit decreasing; deterministic).
 
-    Each packed sample keeps its own positions (0, 1, ...): a position reset is a sample boundary, which the LLM
-    engine's attention (studio.engines.packed_attention) or transformers' block-diagonal mask never lets attention
-    cross, so samples never see each other. The first label of each sample is IGNORE: it would otherwise be predicted from the sample before.
+    Each packed sample keeps its own positions (0, 1, ...): a position reset is a sample boundary that attention
+    never crosses (the LLM engine attends each sample on its own, studio.engines.packed_attention; transformers'
+    sdpa masks the row block-diagonally). The first label of each sample is IGNORE: it would otherwise be predicted
+    from the sample before.
     """
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
     rows: list[list[Example]] = []

@@ -62,11 +62,13 @@ def _weight_rows(cfg: RunConfig, family: str, found, size: int, on_gpu: bool) ->
         total = found.frozen["model"]
         if cfg.load_in_4bit:
             rest = total - found.quantizable
-            # peft's prepare_model_for_kbit_training upcasts every non-quantized weight (embeddings, norms) to fp32.
+            # peft's k-bit preparation upcasts the unquantized weights to fp32; under autocast the engine puts the
+            # embedding tables back to 16-bit, so only the norms stay fp32 (a few MB).
+            tables = found.embeddings if size == 2 else 0
             return [PlanRow("weights, 4-bit layers", found.quantizable * NF4_BYTES / GB,
                             f"{found.quantizable / 1e9:.2f} B parameters in NF4"),
-                    PlanRow("weights, embeddings + norms", rest * 4 / GB,
-                            f"{rest / 1e9:.2f} B parameters, fp32 (peft's k-bit preparation)")]
+                    PlanRow("weights, embeddings + norms", (tables * size + (rest - tables) * 4) / GB,
+                            f"{rest / 1e9:.2f} B parameters, embeddings {dtype_name}, norms fp32")]
         return [PlanRow("weights", total * size / GB, f"{total / 1e9:.2f} B parameters, {dtype_name}")]
     rows = []
     for name, params in found.frozen.items():

@@ -35,6 +35,7 @@ class Built:
     frozen: dict[str, int]  # component → parameter count
     lora_params: int
     quantizable: int  # LLMs: parameters of the decoder's linear layers, the ones 4-bit loading quantizes
+    embeddings: int  # LLMs: parameters of the input and output embedding tables
     text_width: int  # images: width of the text embeddings the UNet reads (cached per caption)
     model: torch.nn.Module
     run: Callable[[int], torch.Tensor]  # forward at a resolution / max_length, returning the loss
@@ -105,7 +106,7 @@ def _build_image(shape: Shape) -> Built:
         for encoder in trained[1:]:
             _transformers_checkpointing(encoder, func)
 
-    return Built(source, frozen, lora_params, 0, config.cross_attention_dim, unet, run, checkpointing)
+    return Built(source, frozen, lora_params, 0, 0, config.cross_attention_dim, unet, run, checkpointing)
 
 
 # --- causal LMs ------------------------------------------------------------------------------------------------------
@@ -118,9 +119,11 @@ def _build_llm(shape: Shape) -> Built:
     source = llm_source(shape.base_model)
     model = build_llm(source)
     frozen = {"model": param_count(model)}
-    embeddings = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    tables = {m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    by_storage = {m.weight.untyped_storage()._cdata: m.weight.numel() for m in tables}  # tied tables count once
+    embeddings = sum(by_storage.values())
     quantizable = sum(m.weight.numel() for m in model.modules()
-                      if isinstance(m, torch.nn.Linear) and id(m) not in embeddings)
+                      if isinstance(m, torch.nn.Linear) and m not in tables)
     targets = target_modules(model, list(shape.targets) if shape.targets else None)
     model = get_peft_model(model, LoraConfig(r=shape.rank, lora_alpha=shape.rank, target_modules=targets,
                                              task_type="CAUSAL_LM"))
@@ -133,7 +136,7 @@ def _build_llm(shape: Shape) -> Built:
         mask = torch.ones(1, 1, length, length, dtype=torch.bool, device="meta")
         return model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
 
-    return Built(source, frozen, lora_params, quantizable, 0, model, run, _transformers_checkpointing)
+    return Built(source, frozen, lora_params, quantizable, embeddings, 0, model, run, _transformers_checkpointing)
 
 
 def _transformers_checkpointing(model: torch.nn.Module, func: Callable) -> None:
