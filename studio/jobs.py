@@ -29,6 +29,8 @@ class JobState:
     samples: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     error: str = ""
+    planned_gb: float | None = None  # the memory plan's allocated peak
+    peak_gb: float | None = None  # measured on CUDA: torch.cuda.max_memory_allocated so far
 
 
 class JobRunner:
@@ -54,7 +56,8 @@ class JobRunner:
             self._stop = threading.Event()
             self._state = JobState(status="running", name=cfg.name, output_dir=cfg.output_dir)
             self._log.clear()
-            self._thread = threading.Thread(target=self._work, args=(cfg, fitted), name=f"train-{cfg.name}", daemon=True)
+            self._thread = threading.Thread(target=self._work, args=(cfg, fitted), name=f"train-{cfg.name}",
+                                            daemon=True)
             self._thread.start()
 
     def stop(self) -> bool:
@@ -75,15 +78,17 @@ class JobRunner:
         with self._lock:
             s = self._state
             return JobState(s.status, s.name, s.output_dir, s.step, s.total, s.it_per_s, s.eta_s, list(s.losses),
-                            list(self._log), list(s.samples), list(s.files), s.error)
+                            list(self._log), list(s.samples), list(s.files), s.error, s.planned_gb, s.peak_gb)
 
     def _work(self, cfg: RunConfig, fitted) -> None:
         from studio.loop import train  # imported in the thread: torch/diffusers load off the UI's start-up path
 
         try:
             train(cfg, EventSink([self._on_event]), self._stop, fitted=fitted)
-        except Exception:  # noqa: BLE001 - the loop already reported it as a 'failed' event
-            pass
+        except Exception as exc:  # noqa: BLE001 - the loop reports its failures as a 'failed' event...
+            with self._lock:  # ...but not one raised before its events open (e.g. an unwritable output_dir)
+                if self._state.status not in FINAL_KINDS:
+                    self._state.status, self._state.error = "failed", f"Training failed: {exc}"
 
     def _on_event(self, event: Event) -> None:
         with self._lock:
@@ -92,6 +97,9 @@ class JobRunner:
             if event.kind == "progress":
                 s.losses.append((event.step, event.data["loss"]))
                 s.it_per_s, s.eta_s = event.data.get("it_per_s"), event.data.get("eta_s")
+                s.peak_gb = event.data.get("peak_allocated_gb", s.peak_gb)
+            elif event.kind == "plan":
+                s.planned_gb = event.data.get("planned_allocated_gb")
             elif event.kind == "sample":
                 s.samples.extend(event.data["samples"])
             if event.message:

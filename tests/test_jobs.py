@@ -45,3 +45,8 @@ def test_completed_job_and_failure(demo, tmp_path):
     runner.start(demo_config(demo, tmp_path / "out", train_data_dir=str(tmp_path / "bad")))
     state = runner.wait(60)
     assert state.status == "failed" and "holds no images" in state.error
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # output_dir cannot be created: fails before the run's events open
+    runner.start(demo_config(demo, blocked / "run"))
+    state = runner.wait(timeout=120)
+    assert state.status == "failed" and "Training failed" in state.error

@@ -116,6 +116,9 @@ def _progress_html(state: JobState) -> str:
         parts.append(f"ETA {_duration(state.eta_s)}")
     if state.losses:
         parts.append(f"loss {state.losses[-1][1]:.4f}")
+    if state.peak_gb is not None or state.planned_gb is not None:
+        peak = f"GPU peak {state.peak_gb:.1f} GB" if state.peak_gb is not None else "memory"
+        parts.append(peak + (f" (planned {state.planned_gb:.1f} GB)" if state.planned_gb is not None else ""))
     return (f"<div class='studio-progress'><progress value='{min(state.step, total)}' max='{total}'></progress>"
             f"<span>{' · '.join(parts)}</span></div>")
 
