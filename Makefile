@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: run test bench bench-gpu demo clean
+.PHONY: run test test-fast bench bench-gpu demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(DEV_STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests $(ARGS)
+
+# The fast set (about a minute): everything but the tests marked slow (full-size planning, subprocess CLIs, browser).
+test-fast: $(DEV_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests -m "not slow" $(ARGS)
 
 bench: $(DEV_STAMP)  # bench/llm_train.py compares against TRL (requirements-dev.txt)
 	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py
