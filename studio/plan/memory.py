@@ -8,11 +8,14 @@ working set, cached text embeddings, and the CUDA context. The verdict compares 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from studio.config import RunConfig
+from studio.data.captions import list_images
 from studio.plan import probes
-from studio.plan.probes import TEXT_TOKENS, Shape
+from studio.plan.probes import TEXT_TOKENS, Built, Shape
 from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow
 
 CUDA_CONTEXT_GB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator statistics
@@ -27,38 +30,39 @@ def weight_dtype(cfg: RunConfig, on_gpu: bool) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
 
-def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bool = False,
-                caption_count: int = 0) -> MemoryPlan:
+def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bool = False) -> MemoryPlan:
     """The memory plan of `cfg` (family 'sd15' / 'sdxl' / 'llm') on a card of `card_gb` (None: CPU)."""
     on_gpu = card_gb is not None
     dtype = weight_dtype(cfg, on_gpu)
-    length = cfg.max_length if family == "llm" else cfg.resolution
+    length = cfg.resolution if cfg.is_image else cfg.max_length
     shape = Shape(family, cfg.base_model, cfg.lora_rank, tuple(cfg.target_modules) if cfg.target_modules else None,
-                  cfg.train_text_encoder and family != "llm", dtype)
+                  cfg.train_text_encoder and cfg.is_image, dtype)
     found, trace = probes.build(shape), probes.trace(shape, length)
     size = torch.finfo(dtype).bits // 8
-    rows = _weight_rows(cfg, family, found, size, on_gpu)
+    rows = _weight_rows(cfg, found, size)
     lora = found.lora_params
     rows.append(PlanRow("LoRA weights + gradients", lora * 8 / GB, f"{lora / 1e6:.1f} M parameters, fp32"))
     rows.append(PlanRow("optimizer state", lora * OPTIMIZER_BYTES[cfg.optimizer] / GB, cfg.optimizer))
-    unit = "px" if family != "llm" else "tokens"
+    unit = "px" if cfg.is_image else "tokens"
     ckpt = "with" if cfg.gradient_checkpointing else "without"
     rows.append(PlanRow("activations", trace.activations(cfg.gradient_checkpointing) * cfg.batch_size / GB,
                         f"micro-batch {cfg.batch_size} at {length} {unit}, {ckpt} gradient checkpointing"))
     rows.append(PlanRow("backward working set", trace.backward_peak() * cfg.batch_size / GB,
                         "gradients of one block's activations"))
-    if family != "llm" and not cfg.train_text_encoder and caption_count:
-        rows.append(PlanRow("cached text embeddings", caption_count * TEXT_TOKENS * found.text_width * size / GB,
-                            f"{caption_count} captions"))
+    captions = _image_count(cfg) if cfg.is_image and not cfg.train_text_encoder else 0
+    if captions:  # frozen text encoders: each caption's embedding is cached on the device (latents stay in RAM)
+        rows.append(PlanRow("cached text embeddings", captions * TEXT_TOKENS * found.text_width * size / GB,
+                            f"up to {captions} captions"))
     if on_gpu:
         rows.append(PlanRow(CONTEXT_ROW, CUDA_CONTEXT_GB, "context and cuBLAS/cuDNN workspaces (not in torch's "
                                                           "allocated memory)"))
     return MemoryPlan(rows, card_gb, found.source.note, probes.flops(shape, length) if flops else None)
 
 
-def _weight_rows(cfg: RunConfig, family: str, found, size: int, on_gpu: bool) -> list[PlanRow]:
+def _weight_rows(cfg: RunConfig, found: Built, size: int) -> list[PlanRow]:
+    """Frozen weights at the dtype the engine stores them in."""
     dtype_name = {4: "fp32", 2: "bf16" if cfg.mixed_precision == "bf16" else "fp16"}[size]
-    if family == "llm":
+    if not cfg.is_image:
         total = found.frozen["model"]
         if cfg.load_in_4bit:
             rest = total - found.quantizable
@@ -77,3 +81,7 @@ def _weight_rows(cfg: RunConfig, family: str, found, size: int, on_gpu: bool) ->
                             f"{params / 1e6:.0f} M parameters, {'fp32' if vae else dtype_name}"))
     return rows
 
+
+def _image_count(cfg: RunConfig) -> int:
+    folder = Path(cfg.train_data_dir)
+    return len(list_images(folder)) if folder.is_dir() else 0

@@ -40,7 +40,7 @@ def vram_table() -> str:
         for card in CARDS_GB:
             fitted = fit_reference(name, card)
             c, plan = fitted.cfg, fitted.plan
-            length = c.max_length if fitted.family == "llm" else c.resolution
+            length = c.resolution if c.is_image else c.max_length
             weights = "4-bit NF4" if c.load_in_4bit else c.mixed_precision
             peak = f"{plan.peak_gb:.1f} GB" + ("" if plan.fits else f" ({plan.verdict})")
             lines.append(f"| {name} | {card} GB | {c.batch_size} × {c.gradient_accumulation_steps} | {length} | "

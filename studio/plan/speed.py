@@ -25,7 +25,7 @@ class Speed:
 
 def run_signature(cfg: RunConfig, family: str, device: str) -> dict:
     """What makes two runs' speeds comparable: the `plan` event carries it."""
-    return {"family": family, "device": device, "length": cfg.max_length if family == "llm" else cfg.resolution,
+    return {"family": family, "device": device, "length": cfg.resolution if cfg.is_image else cfg.max_length,
             "micro_batch": cfg.batch_size, "checkpointing": cfg.gradient_checkpointing}
 
 
