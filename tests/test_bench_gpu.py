@@ -1,5 +1,5 @@
-"""bench/gpu.py: the parts that need no GPU — the peak-FLOPs table, MFU, the case list from the planner, the context
-search, the report — and that it says so and exits 0 where there is no CUDA."""
+"""bench/gpu.py and its gpu_*.py modules: the parts that need no GPU — the peak-FLOPs table, MFU, the case list
+from the planner, the context search, the report — and that it says so and exits 0 where there is no CUDA."""
 
 import json
 import os
@@ -13,7 +13,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import gpu  # noqa: E402
+import gpu  # noqa: E402  (first: it puts the repository on sys.path for the modules beside it)
+import gpu_cases  # noqa: E402
+import gpu_context  # noqa: E402
+import gpu_report  # noqa: E402
+import gpu_speed  # noqa: E402
 
 from studio.config import RunConfig  # noqa: E402
 from studio.plan.reference import CARDS_GB, fit_reference  # noqa: E402
@@ -21,27 +25,27 @@ from studio.plan.report import MemoryPlan, PlanRow  # noqa: E402
 
 
 def test_peak_flops_by_device_name():
-    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert gpu.peak_flops("NVIDIA H200") == 989e12
-    assert gpu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert gpu.peak_flops("NVIDIA GeForce RTX 4090") == 165e12  # dense, not the 330 with sparsity
-    assert gpu.peak_flops("NVIDIA GeForce RTX 3090") == 71e12
-    assert gpu.peak_flops("Tesla T4") is None
+    assert gpu_speed.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_speed.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_speed.peak_flops("NVIDIA H200") == 989e12
+    assert gpu_speed.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_speed.peak_flops("NVIDIA GeForce RTX 4090") == 165e12  # dense, not the 330 with sparsity
+    assert gpu_speed.peak_flops("NVIDIA GeForce RTX 3090") == 71e12
+    assert gpu_speed.peak_flops("Tesla T4") is None
 
 
 def test_mfu_and_step_time_arithmetic():
     # SD1.5 at 512 px: 1.781 TFLOP per sample, batch 8, 0.1 s per update on an H100 SXM.
-    assert gpu.mfu(1.781e12, 8, 0.1, 989e12) == pytest.approx(1.781e12 * 8 / 0.1 / 989e12)
-    assert gpu.mfu(1e12, 4, 0.5, 1e14) == pytest.approx(0.08)
-    assert gpu.mfu(1e12, 4, 0.5, None) is None  # unknown device: no MFU
-    assert gpu.mfu(None, 4, 0.5, 1e14) is None
-    assert gpu.mfu(1e12, 4, 0.0, 1e14) is None
+    assert gpu_speed.mfu(1.781e12, 8, 0.1, 989e12) == pytest.approx(1.781e12 * 8 / 0.1 / 989e12)
+    assert gpu_speed.mfu(1e12, 4, 0.5, 1e14) == pytest.approx(0.08)
+    assert gpu_speed.mfu(1e12, 4, 0.5, None) is None  # unknown device: no MFU
+    assert gpu_speed.mfu(None, 4, 0.5, 1e14) is None
+    assert gpu_speed.mfu(1e12, 4, 0.0, 1e14) is None
     # Update end times 0, 1, 2, 3.5, 5: after one warm-up update, 4 updates in 5 s.
-    assert gpu.seconds_per_step([0.0, 1.0, 2.0, 3.5, 5.0], 1) == pytest.approx(1.25)
-    assert gpu.seconds_per_step([0.0, 1.0, 2.5], 2) == pytest.approx(1.5)
-    assert gpu.seconds_per_step([0.0], 1) is None
-    assert gpu.warmup_for(30) == 5 and gpu.warmup_for(6) == 2 and gpu.warmup_for(3) == 1
+    assert gpu_speed.seconds_per_step([0.0, 1.0, 2.0, 3.5, 5.0], 1) == pytest.approx(1.25)
+    assert gpu_speed.seconds_per_step([0.0, 1.0, 2.5], 2) == pytest.approx(1.5)
+    assert gpu_speed.seconds_per_step([0.0], 1) is None
+    assert gpu_speed.warmup_for(30) == 5 and gpu_speed.warmup_for(6) == 2 and gpu_speed.warmup_for(3) == 1
 
 
 def test_context_search_doubles_then_bisects():
@@ -51,13 +55,13 @@ def test_context_search_doubles_then_bisects():
         tried.append(n)
         return n <= 10_000
 
-    ok, bad = gpu.search_longest(fits, 1024, 131072)
+    ok, bad = gpu_context.search_longest(fits, 1024, 131072)
     assert ok <= 10_000 < bad and bad - ok <= max(256, ok // 8)
     assert tried[:5] == [1024, 2048, 4096, 8192, 16384] and len(tried) <= 9
-    assert gpu.search_longest(lambda n: n <= 300, 1024, 131072) == (256, 512)  # the start already fails
-    assert gpu.search_longest(lambda n: True, 1024, 4096) == (4096, None)  # nothing failed up to the limit
-    assert gpu.search_longest(lambda n: False, 1024, 4096) == (0, 256)
-    assert gpu.search_longest(lambda n: True, 1024, 131072, out_of_time=lambda: True) == (0, None)
+    assert gpu_context.search_longest(lambda n: n <= 300, 1024, 131072) == (256, 512)  # the start already fails
+    assert gpu_context.search_longest(lambda n: True, 1024, 4096) == (4096, None)  # nothing failed up to the limit
+    assert gpu_context.search_longest(lambda n: False, 1024, 4096) == (0, 256)
+    assert gpu_context.search_longest(lambda n: True, 1024, 131072, out_of_time=lambda: True) == (0, None)
 
 
 def _fake_fit(name, card_gb, **keys):
@@ -71,14 +75,14 @@ def _fake_fit(name, card_gb, **keys):
 
 
 def test_identical_configs_share_one_run_and_too_big_plans_are_not_run():
-    cases = {case.id: case for case in gpu.plan_cases(["sd15"], fit=_fake_fit)}
+    cases = {case.id: case for case in gpu_cases.plan_cases(["sd15"], fit=_fake_fit)}
     assert set(cases) == {f"sd15/planner/{card}" for card in CARDS_GB} | {
-        f"sd15/{label}/{card}" for label, card, _ in gpu.VARIANTS["sd15"]}
+        f"sd15/{label}/{card}" for label, card, _ in gpu_cases.VARIANTS["sd15"]}
     assert cases["sd15/planner/24"].same_as == "sd15/planner/16"  # same config: run on the smaller card
     assert cases["sd15/planner/16"].same_as is None and cases["sd15/planner/12"].same_as is None
     assert "too big" in cases["sd15/planner/8"].skip
     assert cases["sd15/batch 8/24"].fitted.cfg.batch_size == 8 and cases["sd15/batch 8/24"].same_as is None
-    rows = {case.id: gpu.case_row(case) for case in cases.values()}
+    rows = {case.id: gpu_cases.case_row(case) for case in cases.values()}
     assert rows["sd15/planner/8"]["status"].startswith("not run: the plan says too big")
     assert rows["sd15/planner/24"]["status"] == "same config as sd15/planner/16"
     assert rows["sd15/planner/12"]["config"] == "2×1, 512 px, bf16, adamw, ckpt off, r8"
@@ -86,7 +90,7 @@ def test_identical_configs_share_one_run_and_too_big_plans_are_not_run():
 
 def _run_row(id_, card, status="ok", **values):
     family, case = id_.split("/")[:2]
-    row = {"id": id_, "kind": "run", "family": family, "model": gpu.MODEL_NAMES[family], "case": case,
+    row = {"id": id_, "kind": "run", "family": family, "model": gpu_cases.MODEL_NAMES[family], "case": case,
            "card_gb": card, "config": "4×1, 1024 px, bf16, adamw, ckpt on, r8", "batch_size": 4, "accumulation": 1,
            "length": 1024, "planned_peak_gb": 10.1, "planned_alloc_gb": 9.5, "verdict": "fits", "same_as": None,
            "status": status}
@@ -114,9 +118,9 @@ def fake_results():
 
 
 def test_report_renders_targets_runs_and_context():
-    report = gpu.format_report(fake_results(), {"device": "NVIDIA H100 80GB HBM3", "total_gb": 79.2,
-                                                "peak_flops": 989e12, "date": "2026-01-02", "torch": "2.13",
-                                                "cuda": "13.0", "steps": 30})
+    report = gpu_report.format_report(fake_results(), {"device": "NVIDIA H100 80GB HBM3", "total_gb": 79.2,
+                                                       "peak_flops": 989e12, "date": "2026-01-02", "torch": "2.13",
+                                                       "cuda": "13.0", "steps": 30})
     assert "**NVIDIA H100 80GB HBM3**" in report and "2026-01-02" in report and "989 TFLOP/s" in report
     targets = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
     assert targets["SD1.5 512 px batch 8: MFU ≥ 35 %"].endswith(
@@ -137,7 +141,7 @@ def test_report_renders_targets_runs_and_context():
 
 
 def test_report_says_what_was_not_measured():
-    report = gpu.format_report([], {"device": "X", "steps": 30})
+    report = gpu_report.format_report([], {"device": "X", "steps": 30})
     assert report.count("| not measured | — |") == 4 and "### Runs" not in report
 
 
@@ -146,10 +150,10 @@ def test_parts_merge_from_json_files(tmp_path):
     meta = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-01-02", "steps": 30}
     (tmp_path / "a.json").write_text(json.dumps({"meta": meta, "results": first}))
     (tmp_path / "b.json").write_text(json.dumps({"meta": {**meta, "date": "2026-01-03"}, "results": second}))
-    report = gpu.render([str(tmp_path / "a.json"), str(tmp_path / "b.json")], write=False)
+    report = gpu_report.render([str(tmp_path / "a.json"), str(tmp_path / "b.json")], write=False)
     assert "2026-01-03" in report and "16,384 vs 4,096" in report and "41.0 %" in report
     rerun = dict(first[0], mfu=0.2)
-    merged = gpu.merge_results(first, [rerun])
+    merged = gpu_report.merge_results(first, [rerun])
     assert [row["id"] for row in merged] == [row["id"] for row in first] and merged[0]["mfu"] == 0.2
 
 
@@ -172,7 +176,7 @@ def test_without_cuda_it_says_so_and_exits_0():
 @pytest.mark.slow
 def test_cases_come_from_the_planner():
     """The real planner on the reference models, every family and card (meta device: ~40 s on 2 cores)."""
-    cases = gpu.plan_cases(["sd15", "sdxl", "llm"])
+    cases = gpu_cases.plan_cases(["sd15", "sdxl", "llm"])
     by_id = {case.id: case for case in cases}
     for family in ("sd15", "sdxl", "llm"):
         for card in CARDS_GB:
@@ -182,7 +186,7 @@ def test_cases_come_from_the_planner():
             if case.same_as:
                 runner = by_id[case.same_as]
                 assert runner.card_gb < card and runner.skip is None and runner.same_as is None
-                assert gpu._signature(runner.fitted.cfg) == gpu._signature(case.fitted.cfg)
+                assert gpu_cases.signature(runner.fitted.cfg) == gpu_cases.signature(case.fitted.cfg)
     xl = by_id["sdxl/planner/24"].fitted
     assert xl.cfg.resolution == 1024 and xl.cfg.batch_size >= 2 and xl.plan.fits
     b8 = by_id["sd15/batch 8/24"].fitted
