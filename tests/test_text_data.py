@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from studio.data.text import (IGNORE, TextDatasetError, collate, ensure_chat_template, pack, raise_problems,
                               read_dataset, tokenize_records)
-from studio.engines.packed_attention import VARLEN_SDPA
+from studio.engines.packed_attention import GROUPED
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What do bees make?"},
         {"role": "assistant", "content": "Honey."}]
@@ -244,7 +244,7 @@ def test_packing_fills_rows_and_keeps_every_token(examples):
         label != IGNORE for e in examples for label in e.labels[1:])
 
 
-@pytest.mark.parametrize("attention", ["sdpa", VARLEN_SDPA])  # transformers' block mask; ours, per sample
+@pytest.mark.parametrize("attention", ["sdpa", GROUPED])  # transformers' block mask; ours
 def test_packed_samples_do_not_attend_to_each_other(demo, examples, attention):
     """The logits of a sample inside a packed row equal its logits alone: attention stops at the boundary."""
     model = AutoModelForCausalLM.from_pretrained(demo.llama, attn_implementation=attention).eval()

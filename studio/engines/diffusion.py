@@ -1,7 +1,8 @@
 """Stable Diffusion (SD1.5 / SDXL) UNet LoRA, optionally text-encoder LoRA, via diffusers + peft.
 
 Batches hold latents and text embeddings ready for the UNet: the VAE and frozen text encoders run once per image /
-caption when caching is on (the default), so an epoch after the first is all UNet work.
+caption when caching is on (the default), so an epoch after the first is all UNet work. With cache_latents_to_disk
+they also run once across runs: the next run on the same data reads studio.data.feature_cache's files.
 """
 
 from __future__ import annotations

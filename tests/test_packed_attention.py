@@ -1,0 +1,75 @@
+"""Packed rows attended sample by sample (studio.engines.packed_attention): the dense block mask's results, at the
+cost of the samples, not of the row."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+
+from studio.config import config_from_dict
+from studio.data.text import Example, collate, pack
+from studio.engines.packed_attention import DENSE_UP_TO, GROUPED, VARLEN, choose
+from studio.events import EventSink
+from studio.loop import train
+
+CPU = torch.device("cpu")
+
+
+def packed_batch(max_length, lengths):
+    rng = random.Random(0)
+    examples = []
+    for n in lengths:
+        ids = [rng.randint(3, 250) for _ in range(n)]
+        examples.append(Example(ids, ids, list(range(n))))
+    return collate(pack(examples, max_length)[:4], pad_id=0)
+
+
+# Rows longer than DENSE_UP_TO go sample by sample in power-of-two groups; shorter ones take one block-masked call.
+BATCHES = {"grouped": (512, [1, 2, 3, 300, 17, 64, 65, 5, 120, 33] + list(range(8, 400, 9))),
+           "block mask": (DENSE_UP_TO, [1, 2, 3, 200, 17, 64, 65, 5, 120, 33] + list(range(8, 90, 4)))}
+
+
+def forward_backward(demo, attention, batch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(demo.llama, attn_implementation=attention)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", BATCHES)
+@pytest.mark.parametrize("attention", [GROUPED, VARLEN])  # VARLEN hands fp32 (and CPUs) on to GROUPED
+def test_same_logits_and_gradients_as_the_dense_mask(demo, kind, attention):
+    batch = packed_batch(*BATCHES[kind])
+    assert (batch["input_ids"].shape[1] > DENSE_UP_TO) == (kind == "grouped")
+    dense_logits, dense_grads = forward_backward(demo, "sdpa", batch)
+    logits, grads = forward_backward(demo, attention, batch)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_generation_with_a_kv_cache_is_unchanged(demo):
+    tok = AutoTokenizer.from_pretrained(demo.llama)
+    inputs = tok("What do bees make?", return_tensors="pt")
+    replies = [AutoModelForCausalLM.from_pretrained(demo.llama, attn_implementation=attention).generate(
+        **inputs, max_new_tokens=8, do_sample=False) for attention in ("sdpa", GROUPED)]
+    assert torch.equal(*replies)
+
+
+def test_models_beyond_plain_causal_keep_the_dense_mask():
+    assert choose(LlamaConfig(), CPU) == GROUPED
+    assert choose(Qwen2Config(use_sliding_window=False, sliding_window=4096), CPU) == GROUPED
+    assert choose(MistralConfig(sliding_window=4096), CPU) is None
+
+
+def test_packing_run_uses_it(demo, tmp_path):
+    logs, losses = [], []
+    cfg = config_from_dict({"preset": "demo-llm", "base_model": str(demo.llama), "train_data_dir": str(demo.chat),
+                            "output_dir": str(tmp_path / "run"), "packing": True, "max_train_steps": 2,
+                            "save_steps": 0, "sample_every_steps": 0, "sample_prompts": []})
+    train(cfg, EventSink([lambda e: e.kind == "log" and logs.append(e.message),
+                          lambda e: e.kind == "progress" and losses.append(e.data["loss"])]))
+    assert f"Attention for packed rows: {GROUPED}." in logs
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
