@@ -34,7 +34,7 @@ def detect() -> Hardware:
         return Hardware("cuda", torch.cuda.get_device_name(0), total / 2**30, free / 2**30,
                         torch.cuda.is_bf16_supported())
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        # Apple GPUs share system memory; report none so the heuristics stay conservative.
+        # Apple GPUs share system memory: no card size to plan for (vram_budget_gb can give one).
         return Hardware("mps", "Apple MPS", None, None, False)
     return Hardware("cpu", "CPU", None, None, True)
 

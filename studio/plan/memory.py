@@ -16,7 +16,7 @@ from studio.config import RunConfig
 from studio.data.captions import list_images
 from studio.plan import probes
 from studio.plan.probes import TEXT_TOKENS, Built, Shape
-from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow
+from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow, count_text
 
 CUDA_CONTEXT_GB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator statistics
 NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 absmax (double quant)
@@ -41,7 +41,7 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
     size = torch.finfo(dtype).bits // 8
     rows = _weight_rows(cfg, found, size)
     lora = found.lora_params
-    rows.append(PlanRow("LoRA weights + gradients", lora * 8 / GB, f"{lora / 1e6:.1f} M parameters, fp32"))
+    rows.append(PlanRow("LoRA weights + gradients", lora * 8 / GB, f"{count_text(lora)} parameters, fp32"))
     rows.append(PlanRow("optimizer state", lora * OPTIMIZER_BYTES[cfg.optimizer] / GB, cfg.optimizer))
     unit = "px" if cfg.is_image else "tokens"
     ckpt = "with" if cfg.gradient_checkpointing else "without"
@@ -70,15 +70,15 @@ def _weight_rows(cfg: RunConfig, found: Built, size: int) -> list[PlanRow]:
             # embedding tables back to 16-bit, so only the norms stay fp32 (a few MB).
             tables = found.embeddings if size == 2 else 0
             return [PlanRow("weights, 4-bit layers", found.quantizable * NF4_BYTES / GB,
-                            f"{found.quantizable / 1e9:.2f} B parameters in NF4"),
+                            f"{count_text(found.quantizable)} parameters in NF4"),
                     PlanRow("weights, embeddings + norms", (tables * size + (rest - tables) * 4) / GB,
-                            f"{rest / 1e9:.2f} B parameters, embeddings {dtype_name}, norms fp32")]
-        return [PlanRow("weights", total * size / GB, f"{total / 1e9:.2f} B parameters, {dtype_name}")]
+                            f"{count_text(rest)} parameters, embeddings {dtype_name}, norms fp32")]
+        return [PlanRow("weights", total * size / GB, f"{count_text(total)} parameters, {dtype_name}")]
     rows = []
     for name, params in found.frozen.items():
         vae = name == "vae"  # the engine keeps the VAE in fp32: SD VAEs overflow in fp16
         rows.append(PlanRow(f"{name} weights", params * (4 if vae else size) / GB,
-                            f"{params / 1e6:.0f} M parameters, {'fp32' if vae else dtype_name}"))
+                            f"{count_text(params)} parameters, {'fp32' if vae else dtype_name}"))
     return rows
 
 

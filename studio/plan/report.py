@@ -64,3 +64,11 @@ CONTEXT_ROW = "CUDA context"
 
 def gb_text(gb: float) -> str:
     return f"{gb:.2f} GB" if gb >= 0.995 else f"{gb * 1024:.0f} MB"
+
+
+def count_text(n: int) -> str:
+    """A parameter count as people say it: 2.57 B, 860 M, 98 k."""
+    for scale, unit, digits in ((1e9, "B", 2), (1e6, "M", 0), (1e3, "k", 0)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return str(n)

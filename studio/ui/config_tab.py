@@ -67,7 +67,7 @@ def config_tab(studio: Studio) -> ConfigTab:
                     load = gr.Button("Load")
             with gr.Column(scale=2):
                 memory = gr.Markdown(elem_id="memory-estimate")
-                reasons = gr.Dataframe(headers=REASON_COLUMNS, label="What the heuristics chose, and why",
+                reasons = gr.Dataframe(headers=REASON_COLUMNS, label="What the fit chose, and why",
                                        interactive=False, wrap=True, column_widths=["22%", "14%", "34%", "30%"],
                                        elem_id="config-reasons")
         with gr.Accordion("All config keys", open=False):
