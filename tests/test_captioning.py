@@ -221,6 +221,7 @@ def test_open_clip_tags_from_a_local_folder(mixed, tmp_path):
 
 # --- the command line ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess CLI run
 def test_cli_writes_metadata_and_lists_skipped(demo, mixed):
     result = run_cli("--input", mixed, "--output", mixed / "metadata.csv", "--clip-model", demo.clip, "--blip-model",
                      demo.blip, "--trigger", "shp", "--batch-size", "8", "--threshold", "-1")
@@ -231,6 +232,7 @@ def test_cli_writes_metadata_and_lists_skipped(demo, mixed):
     assert len(captions) == 8 and all(c.startswith("shp, ") for c in captions.values())
 
 
+@pytest.mark.slow  # a subprocess CLI run
 def test_cli_txt_format_and_missing_model_exit_code(demo, mixed):
     result = run_cli("--input", mixed, "--format", "txt", "--mode", "caption", "--blip-model", demo.blip)
     assert result.returncode == 0, result.stderr

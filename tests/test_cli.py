@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -12,6 +14,7 @@ def run(*args, cwd=ROOT):
                           timeout=300)
 
 
+@pytest.mark.slow  # a subprocess CLI run
 def test_train_from_yaml_and_reproduce_from_saved_config(demo, tmp_path):
     cfg = tmp_path / "my.yaml"
     cfg.write_text(f"preset: demo-image\nbase_model: {demo.sd15}\ntrain_data_dir: {demo.images}\n"
@@ -41,6 +44,7 @@ def test_help_lists_config_keys():
     assert result.returncode == 0 and "lora_rank" in result.stdout and "One of: auto, no, fp16, bf16." in result.stdout
 
 
+@pytest.mark.slow  # a subprocess CLI run
 def test_ctrl_c_stops_at_a_step_and_keeps_a_checkpoint(demo, tmp_path):
     import signal
     import time

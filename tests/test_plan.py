@@ -80,6 +80,7 @@ def test_fit_sdxl_on_a_24gb_card_keeps_a_real_batch():
     assert all(fitted.reasons.values())
 
 
+@pytest.mark.slow  # plans three full-size families on five cards
 def test_fit_never_gives_less_for_more_memory():
     for name in REFERENCES:
         previous = None
@@ -116,6 +117,7 @@ def test_auto_precision_on_the_flat_seed_yaml(tmp_path):
     assert fit_config(flat_config(tmp_path, SD15, mixed_precision="fp16"), GPU).cfg.mixed_precision == "fp16"
 
 
+@pytest.mark.slow  # a subprocess CLI run
 def test_plan_on_the_cli_loads_no_weights(tmp_path):
     """`--plan` on a folder that holds configs only (no weights at all) prints the table and exits 0."""
     config = tmp_path / "seed.yaml"

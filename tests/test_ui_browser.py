@@ -12,9 +12,9 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
-                                reason=f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` "
-                                       "(.ci/run does); playwright must not download a browser")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not Path(CHROMIUM).is_file(), reason=f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` "
+                                         "(.ci/run does); playwright must not download a browser")]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
 
 
