@@ -46,6 +46,11 @@ def detect_family(task_type: str, base_model: str) -> str:
     return "sdxl" if "xl" in str(base_model).lower() else "sd15"
 
 
+def resolve_family(cfg) -> str:
+    """The run's family: its `model_family`, or detected from the task and the model's files for 'auto'."""
+    return cfg.model_family if cfg.model_family != "auto" else detect_family(cfg.task_type, cfg.base_model)
+
+
 def suggest_config(preset: str, hardware: Hardware, family: str = "auto", *, base_model: str = "",
                    train_data_dir: str = "", output_dir: str = "", **extra) -> tuple[dict, dict, Fitted]:
     """(values, reasons, fitted): the preset's name, the paths, and the memory-bound keys the fit chose for `hardware`.

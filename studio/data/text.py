@@ -23,12 +23,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
 from jinja2 import TemplateError
 
 from studio.errors import StudioError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # label of a token that carries no loss (torch's cross_entropy ignore_index)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -447,6 +449,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     Padding continues the last sample's positions, so an unpacked batch stays one plain causal sequence per row
     (the fast is_causal attention path).
     """
+    import torch  # here, not at the top: the studio's Dataset tab reads text datasets without torch
+
     width = max(len(e) for e in examples)
     ids, labels, positions = [], [], []
     for e in examples:

@@ -18,7 +18,7 @@ from studio.config import RunConfig, config_from_dict
 from studio.hardware import Hardware, auto_precision, detect
 from studio.plan.memory import plan_memory
 from studio.plan.report import MemoryPlan
-from studio.suggest import detect_family
+from studio.suggest import resolve_family
 
 # Where the family's own resolution applies when neither the user nor the preset chose one.
 NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
@@ -52,7 +52,7 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
     cfg = config_from_dict(data, check_paths=check_paths, base_dir=base_dir)
     hardware = hardware or detect()
     user = {key for key, value in data.items() if value is not None} - {"preset"}
-    family = cfg.model_family if cfg.model_family != "auto" else detect_family(cfg.task_type, cfg.base_model)
+    family = resolve_family(cfg)
     card = card_memory(cfg, hardware)
     reasons: dict[str, str] = {}
 
@@ -84,7 +84,6 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
     for key in MEMORY_KEYS:
         if key not in user and (key in reasons or getattr(cfg, key) != getattr(intent, key) or key in BASE_KEYS):
             reasons[key] = _why(key, intent, cfg, plan, reasons.get(key))
-    plan.changes = dict(reasons)
     return Fitted(cfg, family, plan, {k: reasons[k] for k in MEMORY_KEYS if k in reasons})
 
 

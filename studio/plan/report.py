@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GB = 2**30
 FITS, TIGHT = 0.92, 1.0  # share of the card a plan may use: the rest is allocator fragmentation
@@ -21,7 +21,6 @@ class MemoryPlan:
     card_gb: float | None  # None: no GPU, the run uses system RAM
     source: str  # where the model sizes came from
     flops_per_sample: int | None = None
-    changes: dict[str, str] = field(default_factory=dict)  # key → why the fit changed it
 
     @property
     def peak_gb(self) -> float:
