@@ -52,6 +52,15 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def storage_dtype(autocast: torch.dtype | None, device_type: str) -> torch.dtype:
+    """The dtype frozen base weights are stored in: the autocast dtype on GPUs (half the memory), else fp32.
+    LoRA weights stay fp32 either way. The engines load with it; the memory plan counts with it."""
+    return autocast if autocast is not None and device_type == "cuda" else torch.float32
+
+
 def auto_precision(device_type: str, bf16: bool) -> tuple[str, str]:
     """What `mixed_precision: auto` means on a device: (setting, one-line reason)."""
     if device_type != "cuda":
@@ -71,7 +80,7 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
         raise StudioError("mixed_precision fp16 is not supported on the CPU. Use bf16 or no.")
     if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise StudioError("mixed_precision bf16 needs an Ampere (RTX 30xx) or newer GPU. Use fp16 on this card.")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    return HALF_DTYPES[mixed_precision]
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:

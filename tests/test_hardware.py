@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from studio.errors import StudioError
-from studio.hardware import auto_precision, autocast_dtype, detect, pick_device
+from studio.hardware import auto_precision, autocast_dtype, detect, pick_device, storage_dtype
 
 
 def test_auto_precision():
@@ -10,6 +10,12 @@ def test_auto_precision():
     assert auto_precision("cuda", False)[0] == "fp16"  # older cards: fp16 with loss scaling
     assert auto_precision("cpu", True)[0] == "no"
     assert auto_precision("mps", False)[0] == "no"
+
+
+def test_frozen_weights_are_16_bit_only_on_gpus():
+    assert storage_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert storage_dtype(torch.bfloat16, "cpu") == torch.float32  # CPU autocast still keeps fp32 weights
+    assert storage_dtype(None, "cuda") == torch.float32
 
 
 def test_detect_and_device_on_this_machine():

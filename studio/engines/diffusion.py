@@ -29,7 +29,7 @@ from studio.engines.base import Engine, Sample
 from studio.engines.sd_models import load_sd_pipeline
 from studio.errors import StudioError
 from studio.export.kohya import save_kohya_lora, to_kohya
-from studio.hardware import to_device
+from studio.hardware import storage_dtype, to_device
 from studio.preview.images import render
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -54,8 +54,7 @@ class DiffusionEngine(Engine):
         self.items: list[DatasetItem] = report.items
         self._plain_captions = [augment_caption(item.caption, random.Random(0), trigger_word=self.cfg.trigger_word)
                                 for item in self.items]
-        # Frozen weights in half precision on GPUs; LoRA weights stay fp32 (cast_training_params below).
-        self.weight_dtype = self.autocast if (self.autocast and self.device.type == "cuda") else torch.float32
+        self.weight_dtype = storage_dtype(self.autocast, self.device.type)  # LoRA: fp32 (cast_training_params)
         self.pipe, self.family = load_sd_pipeline(cfg.base_model, allow_unsafe_pickle=cfg.allow_unsafe_pickle,
                                                   torch_dtype=self.weight_dtype)
         if cfg.model_family not in ("auto", self.family):

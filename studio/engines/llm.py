@@ -27,7 +27,7 @@ from studio.engines.base import Engine, Sample
 from studio.engines.llm_models import load_causal_lm, load_tokenizer, pad_token_id
 from studio.errors import StudioError
 from studio.export.peft_merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, save_adapter
-from studio.hardware import to_device
+from studio.hardware import storage_dtype, to_device
 from studio.preview.chat import generate_reply
 
 ALL_LINEAR = "all-linear"
@@ -79,8 +79,7 @@ class LLMEngine(Engine):
 
     def _load_model(self) -> PeftModel:
         cfg = self.cfg
-        # Frozen weights in the autocast dtype on GPUs (half the memory); the CPU keeps fp32.
-        dtype = self.autocast if (self.autocast and self.device.type == "cuda") else torch.float32
+        dtype = storage_dtype(self.autocast, self.device.type)
         model = load_causal_lm(cfg.base_model, dtype=dtype, device=self.device, load_in_4bit=cfg.load_in_4bit,
                                compute_dtype=self.autocast or torch.bfloat16)
         if cfg.load_in_4bit:

@@ -14,6 +14,7 @@ import torch
 
 from studio.config import RunConfig
 from studio.data.captions import list_images
+from studio.hardware import HALF_DTYPES, storage_dtype
 from studio.plan import probes
 from studio.plan.probes import TEXT_TOKENS, Built, Shape
 from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow, count_text
@@ -24,10 +25,10 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # state per trained parameter
 
 
 def weight_dtype(cfg: RunConfig, on_gpu: bool) -> torch.dtype:
-    """The dtype the engines store frozen weights in (and the trace runs in): the autocast dtype on GPUs."""
-    if not on_gpu or cfg.mixed_precision in ("no", "auto"):
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    """The dtype the engines store frozen weights in (and the trace runs in). 'auto' on a GPU counts as 16-bit:
+    bf16 and fp16 take the same bytes."""
+    precision = "bf16" if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    return storage_dtype(HALF_DTYPES.get(precision), "cuda" if on_gpu else "cpu")
 
 
 def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bool = False) -> MemoryPlan:
