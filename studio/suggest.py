@@ -37,7 +37,7 @@ def detect_family(task_type: str, base_model: str) -> str:
         cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
         return PIPELINE_FAMILIES.get(cls, "sd15")
     if path.is_file() and path.suffix.lower() == ".safetensors":
-        from studio.engines.single_file import detect_family as from_header  # reads the header only
+        from studio.models.single_file import detect_family as from_header  # reads the header only
         from studio.errors import StudioError
         try:
             return from_header(path)

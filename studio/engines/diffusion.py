@@ -26,7 +26,7 @@ from studio.data.feature_cache import CACHE_DIR, VERSION, DiskCache, Features, f
 from studio.data.images import (DatasetItem, augment_caption, bucket_batches, inspect_dataset, load_pixels,
                                 make_buckets, pick_bucket)
 from studio.engines.base import Engine, Sample
-from studio.engines.sd_models import load_sd_pipeline
+from studio.models.pipelines import load_sd_pipeline
 from studio.errors import StudioError
 from studio.export.kohya import save_kohya_lora, to_kohya
 from studio.hardware import storage_dtype, to_device

@@ -24,7 +24,7 @@ from studio.data.text import (Example, Record, collate, ensure_chat_template, pa
                               read_dataset, tokenize_records)
 from studio.engines import packed_attention
 from studio.engines.base import Engine, Sample
-from studio.engines.llm_models import load_causal_lm, load_tokenizer, pad_token_id
+from studio.models.causal_lm import load_causal_lm, load_tokenizer, pad_token_id
 from studio.errors import StudioError
 from studio.export.peft_merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, save_adapter
 from studio.hardware import storage_dtype, to_device

@@ -17,7 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from studio.engines.llm_models import load_causal_lm, load_tokenizer
+from studio.models.causal_lm import load_causal_lm, load_tokenizer
 from studio.errors import StudioError
 from studio.fileio import atomic_dir
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from studio.engines.single_file import default_config_dir, detect_family, is_single_file
+from studio.models.single_file import default_config_dir, detect_family, is_single_file
 from studio.errors import StudioError
 
-LLM_REFERENCE = Path(__file__).resolve().parent.parent / "engines" / "llm_configs" / "llama-3.1-8b"
+LLM_REFERENCE = Path(__file__).resolve().parent.parent / "models" / "configs" / "llama-3.1-8b"
 IMAGE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 

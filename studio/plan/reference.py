@@ -1,7 +1,7 @@
 """The fit for the reference models on the usual cards: README's VRAM table and the GPU bench's runs come from here.
 
-The reference models are the shipped configs (no weights): SD1.5 and SDXL (studio/engines/sd_configs) with the
-style preset, Llama 3.1 8B (studio/engines/llm_configs) with the llm-chat preset.
+The reference models are the shipped configs (no weights): SD1.5 and SDXL (studio/models/configs) with the
+style preset, Llama 3.1 8B (studio/models/configs) with the llm-chat preset.
 
     python -m studio.plan.reference        # prints the markdown table README.md holds
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.engines.single_file import default_config_dir
+from studio.models.single_file import default_config_dir
 from studio.hardware import Hardware
 from studio.plan.fit import Fitted, fit_config
 from studio.plan.models import LLM_REFERENCE

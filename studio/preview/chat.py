@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from peft.helpers import rescale_adapter_scale
 
-from studio.engines.llm_models import load_causal_lm, pad_token_id
+from studio.models.causal_lm import load_causal_lm, pad_token_id
 from studio.export.peft_merge import adapter_base_model, adapter_tokenizer
 from studio.hardware import inference_dtype, pick_device
 

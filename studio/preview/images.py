@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from studio.engines.sd_models import load_sd_pipeline
+from studio.models.pipelines import load_sd_pipeline
 from studio.errors import StudioError
 from studio.hardware import inference_dtype, pick_device
 

@@ -3,7 +3,7 @@
 `detect_family(path)` tells SD1.5 from SDXL by the weights' names in the safetensors header (never the file name, never
 the weights themselves). `load_single_file(path)` builds a diffusers pipeline from the file with diffusers' own
 single-file converters (`UNet2DConditionModel.from_single_file`, `AutoencoderKL.from_single_file`,
-`create_diffusers_clip_model_from_ldm`) and the configs shipped in `sd_configs/<family>/`, so nothing is downloaded.
+`create_diffusers_clip_model_from_ldm`) and the configs shipped in `configs/<family>/`, so nothing is downloaded.
 
 Why component by component rather than `StableDiffusionXLPipeline.from_single_file`: the pipeline loader picks the
 checkpoint prefix of each text encoder by hidden size, so when both SDXL encoders have the same width (the tiny demo
@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 from studio.errors import StudioError
 
-CONFIG_ROOT = Path(__file__).resolve().parent / "sd_configs"
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 FAMILIES = ("sd15", "sdxl")
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -287,7 +287,7 @@ def load_single_file(path: str | Path, *, allow_unsafe_pickle: bool = False, con
     """Load a single-file SD1.5/SDXL checkpoint as a diffusers pipeline. Returns `(pipeline, family)`.
 
     `config_dir` is a diffusers-layout folder with the component configs, tokenizers and scheduler (no weights
-    needed); by default the shipped `sd_configs/sd15` or `sd_configs/sdxl` for the detected family. Weights load in
+    needed); by default the shipped `configs/sd15` or `configs/sdxl` for the detected family. Weights load in
     `torch_dtype` (float32 when None). No network access: everything comes from the file and `config_dir`.
     """
     import diffusers

@@ -25,7 +25,7 @@ def load_sd_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False,
     """(pipeline, family) for `base_model`; every failure is a StudioError that says what to do."""
     path = Path(base_model).expanduser()
     if path.is_file():
-        from studio.engines.single_file import load_single_file
+        from studio.models.single_file import load_single_file
         return load_single_file(path, allow_unsafe_pickle=allow_unsafe_pickle, torch_dtype=torch_dtype)
     if path.is_dir():
         _check_local_folder(path)

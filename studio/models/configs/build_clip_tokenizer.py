@@ -1,11 +1,11 @@
-"""Regenerate the CLIP tokenizer files shipped under sd_configs/*/tokenizer*/ (maintainer tool, not used at run time).
+"""Regenerate the CLIP tokenizer files shipped under configs/*/tokenizer*/ (maintainer tool, not used at run time).
 
 The CLIP BPE (OpenAI's `bpe_simple_vocab_16e6.txt.gz`) ships inside the open_clip_torch wheel. Fetch it without
 installing anything:
 
     pip download --no-deps open_clip_torch -d /tmp/oc
     unzip -o /tmp/oc/open_clip_torch-*.whl open_clip/bpe_simple_vocab_16e6.txt.gz -d /tmp/oc
-    python studio/engines/sd_configs/build_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz
+    python studio/models/configs/build_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz
 
 The vocabulary is built exactly as CLIP's SimpleTokenizer builds it: the 256 byte symbols, the same with `</w>`, one
 token per merge (the first 48 894 merges), then `<|startoftext|>` and `<|endoftext|>` — 49 408 tokens, the
