@@ -3,8 +3,8 @@
 On a CUDA machine with >= 24 GB (written for a lent H100/H200: 16 cores, no internet, <= 10 min per command):
 
 1. Builds full-size models with random weights from the shipped configs, no download: SD1.5 and SDXL from
-   studio/engines/sd_configs/<family> (each component `from_config` on the GPU, fp16, `save_pretrained` next to the
-   shipped model_index.json, tokenizers and scheduler) and Llama 3.1 8B from studio/engines/llm_configs (bf16, built
+   studio/models/configs/<family> (each component `from_config` on the GPU, fp16, `save_pretrained` next to the
+   shipped model_index.json, tokenizers and scheduler) and Llama 3.1 8B from studio/models/configs (bf16, built
    on the GPU, saved as a transformers folder with a small byte-level BPE tokenizer trained here, as studio/demo
    does). Plus 16 generated images per image family at its resolution and a chat jsonl with replies longer than
    max_length. All of it lives under --work and is reused by a later run on the same machine.

@@ -31,9 +31,9 @@ class Setup:
 
 
 def full_setup() -> Setup:
-    from studio.engines.single_file import default_config_dir
+    from studio.families import get_family
     from studio.plan.models import LLM_REFERENCE
-    return Setup({f: default_config_dir(f) for f in ("sd15", "sdxl")}, LLM_REFERENCE, None, None, 1024, 131072)
+    return Setup({f: get_family(f).config_path for f in ("sd15", "sdxl")}, LLM_REFERENCE, None, None, 1024, 131072)
 
 
 def dry_setup(work: Path) -> Setup:

@@ -17,11 +17,10 @@ import yaml
 from omegaconf import OmegaConf
 
 from studio.errors import StudioError
+from studio.families import all_families, family_names, get_family
+from studio.tasks import IMAGE_TASK, TEXT_TASK
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-
-IMAGE_TASK = "image-generation"
-TEXT_TASK = "text-generation"
 
 
 class ConfigError(StudioError):
@@ -42,7 +41,11 @@ class RunConfig:
     base_model: str = _f("", "Diffusers/transformers folder, hub id, or single-file .safetensors checkpoint.",
                          path="model")
     model_family: str = _f("auto", "Model family; 'auto' detects it from the weights.",
-                           choices=["auto", "sd15", "sdxl", "llm"])
+                           choices=["auto", *family_names()])
+    base_components: Optional[str] = _f(None, "Flux.1 single-file checkpoints: the diffusers folder or hub id that "
+                                        "supplies what the file lacks (text encoders, VAE, tokenizers). Default: "
+                                        "black-forest-labs/FLUX.1-schnell (same encoders and VAE as dev).",
+                                        path="model")
     preset: Optional[str] = _f(None, "Preset from presets/ this config starts from; its values are defaults here.")
     allow_unsafe_pickle: bool = _f(False, "Allow loading .ckpt/.pt pickle files, which can run arbitrary code.")
 
@@ -116,7 +119,8 @@ class RunConfig:
     logging_dir: Optional[str] = _f(None, "TensorBoard log folder; default output_dir/logs.")
     sample_every_steps: int = _f(0, "Render sample outputs every N updates (0 = off).", min=0)
     sample_prompts: list[str] = _f([], "Prompts for sample images / sample replies.")
-    sample_inference_steps: int = _f(20, "Denoising steps for sample images.", min=1)
+    sample_inference_steps: Optional[int] = _f(None, "Denoising steps for sample images; default: the family's "
+                                               "(SD 20, Flux.1 dev 28, schnell 4).", min=1)
     export_peft_format: bool = _f(False, "Image task: also save the diffusers/peft LoRA format.")
     save_merged_model: bool = _f(False, "LLM task: also save base+adapter merged into a full model.")
 
@@ -319,10 +323,10 @@ def _check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("'train_data_dir' is empty. Set it to the folder that holds the training data.")
     if not cfg.output_dir:
         problems.append("'output_dir' is empty. Set it to the folder where the LoRA should be written.")
-    if cfg.task_type == TEXT_TASK and cfg.model_family in ("sd15", "sdxl"):
-        problems.append(f"'model_family' is {cfg.model_family} but task_type is {TEXT_TASK}; use llm or auto.")
-    if cfg.task_type == IMAGE_TASK and cfg.model_family == "llm":
-        problems.append(f"'model_family' is llm but task_type is {IMAGE_TASK}; use sd15, sdxl or auto.")
+    if cfg.model_family != "auto" and get_family(cfg.model_family).task != cfg.task_type:
+        fitting = ", ".join(f.name for f in all_families(cfg.task_type))
+        problems.append(f"'model_family' is {cfg.model_family} but task_type is {cfg.task_type}; use {fitting} "
+                        "or auto.")
     return problems
 
 

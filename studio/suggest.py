@@ -11,45 +11,15 @@ comments:
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from typing import TYPE_CHECKING
-
-from studio.config import TEXT_TASK
+from studio.families import family_names
 
 if TYPE_CHECKING:  # studio.hardware imports torch; the UI imports this module at start-up
     from studio.hardware import Hardware
     from studio.plan.fit import Fitted
-
-# model_index.json class → family; kept here (not imported from studio.engines) so no diffusers import is needed.
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
-
-
-def detect_family(task_type: str, base_model: str) -> str:
-    """'llm' for text runs; for images 'sdxl' or 'sd15' from the model's files, cheaply (no weights loaded)."""
-    if task_type == TEXT_TASK:
-        return "llm"
-    path = Path(base_model or "").expanduser()
-    if path.is_dir() and (path / "model_index.json").is_file():
-        cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
-        return PIPELINE_FAMILIES.get(cls, "sd15")
-    if path.is_file() and path.suffix.lower() == ".safetensors":
-        from studio.models.single_file import detect_family as from_header  # reads the header only
-        from studio.errors import StudioError
-        try:
-            return from_header(path)
-        except StudioError:
-            return "sd15"
-    return "sdxl" if "xl" in str(base_model).lower() else "sd15"
-
-
-def resolve_family(cfg) -> str:
-    """The run's family: its `model_family`, or detected from the task and the model's files for 'auto'."""
-    return cfg.model_family if cfg.model_family != "auto" else detect_family(cfg.task_type, cfg.base_model)
-
 
 def suggest_config(preset: str, hardware: Hardware, family: str = "auto", *, base_model: str = "",
                    train_data_dir: str = "", output_dir: str = "", **extra) -> tuple[dict, dict, Fitted]:
@@ -91,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", required=True, help="model folder, hub id or .safetensors checkpoint")
     parser.add_argument("--data", default="", help="train_data_dir")
     parser.add_argument("--out", default="", help="output_dir")
-    parser.add_argument("--family", default="auto", choices=["auto", "sd15", "sdxl", "llm"])
+    parser.add_argument("--family", default="auto", choices=["auto", *family_names()])
     parser.add_argument("--vram-gb", type=float, help="plan for a card with this much memory (vram_budget_gb)")
     args = parser.parse_args(argv)
     hardware = detect()

@@ -38,7 +38,7 @@ def test_unet_attention_is_sdpa_and_logged(demo, tmp_path):
                             "output_dir": str(tmp_path)})
     engine = make_engine(cfg, CPU, None, EventSink([lambda e: e.kind == "log" and logs.append(e.message)]))
     engine.load()
-    assert "UNet attention: AttnProcessor2_0 (PyTorch SDPA)." in logs
+    assert "Attention: AttnProcessor2_0 (PyTorch SDPA)." in logs
 
 
 @pytest.mark.slow  # ~30 s of inductor compiling on 2 CPU cores with a cold cache (~6 s warm)

@@ -119,7 +119,7 @@ def test_export_is_kohya_format_with_true_alpha_and_metadata(trained):
     assert any("attn1_to_q" in k for k in keys) and any("to_out_0" in k for k in keys)
     assert any(k.endswith("resnets_0_conv1.lora_down.weight") for k in keys)
     assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "16.0"
-    assert meta["ss_steps"] == "60" and meta["ss_num_train_images"] == "4" and meta["ss_base_model_version"] == "sd15"
+    assert meta["ss_steps"] == "60" and meta["ss_num_train_images"] == "4" and meta["ss_base_model_version"] == "sd_v1"
     assert float(meta["ss_training_time_s"]) > 0 and meta["ss_resolution"] == "64"
 
 
@@ -195,7 +195,7 @@ def test_sdxl_trains_and_exports(demo, tmp_path):
     cfg = image_config(demo.sdxl, data, tmp_path / "xl", max_train_steps=4, lora_rank=4)
     result = train(cfg)
     with safe_open(str(result.files[0]), "pt") as f:
-        assert f.metadata()["ss_base_model_version"] == "sdxl"
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
         assert all(k.startswith("lora_unet_") for k in f.keys())
     pipe = StableDiffusionXLPipeline.from_pretrained(demo.sdxl)
     base = render_np(pipe, steps=2)

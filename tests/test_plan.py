@@ -10,8 +10,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
-from studio.engines.diffusion import UNET_TARGETS
-from studio.engines.single_file import default_config_dir
+from studio.families.sd15 import UNetRecipe
+from studio.families import get_family
 from studio.hardware import Hardware
 from studio.plan import probes
 from studio.plan.fit import fit_config
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU = Hardware("cuda", "test card", 24.0, 24.0, True)
 OLD_GPU = Hardware("cuda", "old card", 11.0, 11.0, False)
 CPU = Hardware("cpu", "CPU", None, None, True)
-SDXL = str(default_config_dir("sdxl"))
-SD15 = str(default_config_dir("sd15"))
+SDXL = str(get_family("sdxl").config_path)
+SD15 = str(get_family("sd15").config_path)
 
 
 def shape(family, base, rank=8, dtype=torch.bfloat16):
@@ -43,9 +43,9 @@ def test_sizes_come_from_the_configs(demo):
     built = probes.build(shape("sd15", demo.sd15, rank=4, dtype=torch.float32))
     assert built.frozen == {name: sum(p.numel() for p in getattr(pipe, name).parameters())
                             for name in ("unet", "text_encoder", "vae")}
-    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=UNET_TARGETS))
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=list(UNetRecipe.targets)))
     assert built.lora_params == sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
-    # The published SDXL UNet (README in sd_configs) at bf16, from the shipped configs: no weights anywhere.
+    # The published SDXL UNet (README in studio/models/configs) at bf16, from the shipped configs: no weights anywhere.
     plan = plan_memory(fit_reference("SDXL", 24).cfg, "sdxl", 24)
     unet = next(row for row in plan.rows if row.name == "unet weights")
     assert unet.gb == pytest.approx(2_567_463_684 * 2 / 2**30)

@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from studio.demo.single_file import pipeline_to_ldm, write_single_file
-from studio.engines import single_file as sf
-from studio.engines.single_file import CONFIG_ROOT, detect_family, load_single_file
+from studio.models import single_file as sf
+from studio.families import get_family
+from studio.models import CONFIG_ROOT
+from studio.models.single_file import detect_family, load_single_file
 from studio.errors import StudioError
 
 
@@ -43,9 +45,9 @@ def test_single_file_generates_the_same_image_as_its_folder(demo, files, family)
     from diffusers import DiffusionPipeline
 
     folder = getattr(demo, family)
-    assert detect_family(files[family]) == family
-    pipe, got = load_single_file(files[family], config_dir=folder)
-    assert got == family
+    assert detect_family(files[family]).name == family
+    pipe = load_single_file(files[family], config_dir=folder)
+    assert type(pipe).__name__ in get_family(family).pipeline_classes
     ref = DiffusionPipeline.from_pretrained(folder)
     assert type(pipe) is type(ref)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -59,7 +61,7 @@ def test_single_file_generates_the_same_image_as_its_folder(demo, files, family)
 def test_detection_uses_the_weights_not_the_file_name(demo, tmp_path):
     # An SDXL file named like an SD1.5 one is still SDXL.
     misleading = write_single_file(demo.sdxl, tmp_path / "v1-5-pruned-emaonly.safetensors")
-    assert detect_family(misleading) == "sdxl"
+    assert detect_family(misleading).name == "sdxl"
 
 
 def test_pickle_is_refused_with_the_reason_and_the_way_out(files):
@@ -72,16 +74,15 @@ def test_pickle_is_refused_with_the_reason_and_the_way_out(files):
 
 
 def test_pickle_loads_when_allowed(demo, files, tmp_path):
-    pipe, family = load_single_file(files["ckpt"], allow_unsafe_pickle=True, config_dir=demo.sd15)
-    assert family == "sd15"
-    ref, _ = load_single_file(files["sd15"], config_dir=demo.sd15)
+    pipe = load_single_file(files["ckpt"], allow_unsafe_pickle=True, config_dir=demo.sd15)
+    ref = load_single_file(files["sd15"], config_dir=demo.sd15)
     _same_weights(pipe.unet, ref.unet)
     _same_weights(pipe.text_encoder, ref.text_encoder)
-    assert detect_family(files["ckpt"], allow_unsafe_pickle=True) == "sd15"
+    assert detect_family(files["ckpt"], allow_unsafe_pickle=True).name == "sd15"
     # A training checkpoint that pickles more than tensors (e.g. hyper-parameters) needs the full unpickler.
     full = tmp_path / "trained.pt"
     torch.save({"state_dict": pipeline_to_ldm(demo.sd15), "hyper_parameters": argparse.Namespace(lr=1e-4)}, full)
-    pipe2, _ = load_single_file(full, allow_unsafe_pickle=True, config_dir=demo.sd15)
+    pipe2 = load_single_file(full, allow_unsafe_pickle=True, config_dir=demo.sd15)
     _same_weights(pipe2.vae, ref.vae)
 
 
@@ -94,14 +95,13 @@ UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 @pytest.mark.parametrize("names, expected", [
-    (["linear.weight", "linear.bias"], "not a Stable Diffusion checkpoint"),
+    (["linear.weight", "linear.bias"], "not a checkpoint layout Studio recognises"),
     (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
     (["encoder.down.0.block.0.conv1.weight", "decoder.up.0.block.0.conv1.weight"], "standalone VAE"),
     ([UNET_IN, "cond_stage_model.model.transformer.resblocks.0.ln_1.weight", "first_stage_model.x"], "2.x"),
     ([UNET_IN, "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight"], "refiner"),
     ([UNET_IN, "first_stage_model.encoder.conv_in.weight"], "no text encoder"),
     ([UNET_IN, "cond_stage_model.transformer.text_model.final_layer_norm.weight"], "no VAE"),
-    (["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"], "not an SD1.5/SDXL"),
 ])
 def test_unsupported_layouts_get_a_clear_error(tmp_path, names, expected):
     path = _fake(tmp_path / "model.safetensors", names)
@@ -150,7 +150,7 @@ def test_detect_family_reads_only_the_header(files, tmp_path, monkeypatch):
     monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("weights were loaded"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("weights were loaded"))
     t = time.perf_counter()
-    assert detect_family(path) == "sd15"
+    assert detect_family(path).name == "sd15"
     assert time.perf_counter() - t < 1.0
 
 
@@ -205,9 +205,9 @@ def test_shipped_configs_build_the_real_model_sizes():
         models = _meta_models(family)
         assert {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()} == sizes, family
         index = json.loads((CONFIG_ROOT / family / "model_index.json").read_text())
-        assert index["_class_name"] == sf.PIPELINE_CLASS[family]
+        assert index["_class_name"] in get_family(family).pipeline_classes
         assert set(models) | {"tokenizer", "scheduler"} <= set(index)
-    assert sf.default_config_dir("sdxl") == CONFIG_ROOT / "sdxl"
+    assert get_family("sdxl").config_path == CONFIG_ROOT / "sdxl"
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -224,7 +224,7 @@ def test_full_size_layout_round_trips_through_diffusers_converters(family):
     sds = {k: m.state_dict() for k, m in models.items()}
     ldm = components_to_ldm(sds["unet"], dict(models["unet"].config), sds["vae"], dict(models["vae"].config),
                             sds["text_encoder"], sds.get("text_encoder_2"))
-    assert sf.family_from_shapes({k: tuple(v.shape) for k, v in ldm.items()}) == family
+    assert sf.family_from_shapes({k: tuple(v.shape) for k, v in ldm.items()}).name == family
     assert infer_diffusers_model_type(ldm) == {"sd15": "v1", "sdxl": "xl_base"}[family]
 
     def shapes(sd, strip=""):

@@ -12,6 +12,7 @@ from typing import Callable
 from studio.demo.captioners import build_tiny_blip, build_tiny_clip  # auto-label
 from studio.demo.datasets import build_demo_chat, build_demo_images
 from studio.demo.diffusion import build_tiny_sd15, build_tiny_sdxl
+from studio.demo.flux import build_tiny_flux
 from studio.demo.llm import build_tiny_llama
 from studio.fileio import atomic_dir
 
@@ -30,6 +31,10 @@ class DemoPaths:
     @property
     def sdxl(self) -> Path:
         return self.root / "models" / "tiny-sdxl"
+
+    @property
+    def flux(self) -> Path:
+        return self.root / "models" / "tiny-flux"
 
     @property
     def llama(self) -> Path:
@@ -54,7 +59,8 @@ class DemoPaths:
         return self.root / "datasets" / "demo-chat"
 
     def builders(self) -> dict[Path, Callable[[Path], Path]]:
-        return {self.sd15: build_tiny_sd15, self.sdxl: build_tiny_sdxl, self.llama: build_tiny_llama,
+        return {self.sd15: build_tiny_sd15, self.sdxl: build_tiny_sdxl, self.flux: build_tiny_flux,
+                self.llama: build_tiny_llama,
                 self.images: build_demo_images, self.chat: build_demo_chat,
                 self.clip: build_tiny_clip, self.blip: build_tiny_blip}  # auto-label
 

@@ -1,19 +1,15 @@
-"""One engine per model family behind the interface in base.py; the loop asks `make_engine` for the right one."""
+"""The engines behind the interface in base.py; the run's family (studio/families/) names the one that trains it."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from studio.config import IMAGE_TASK, TEXT_TASK, RunConfig
+from studio.config import RunConfig
 from studio.engines.base import Engine
 from studio.events import EventSink
-
-# Imported on demand so the UI and CLI start without loading diffusers or transformers' model code.
-ENGINES = {IMAGE_TASK: "studio.engines.diffusion:DiffusionEngine", TEXT_TASK: "studio.engines.llm:LLMEngine"}
+from studio.families import resolve_family
 
 
 def make_engine(cfg: RunConfig, device: torch.device, autocast: torch.dtype | None, events: EventSink) -> Engine:
-    module, name = ENGINES[cfg.task_type].split(":")
-    return getattr(importlib.import_module(module), name)(cfg, device, autocast, events)
+    # Imported on demand so the UI and CLI start without loading diffusers or transformers' model code.
+    return resolve_family(cfg).engine_class()(cfg, device, autocast, events)

@@ -1,21 +1,27 @@
-"""Stable Diffusion (SD1.5 / SDXL) UNet LoRA, optionally text-encoder LoRA, via diffusers + peft.
+"""Image LoRA for every registered image family (SD1.5, SDXL, Flux.1...) via diffusers + peft.
 
-Batches hold latents and text embeddings ready for the UNet: the VAE and frozen text encoders run once per image /
-caption when caching is on (the default), so an epoch after the first is all UNet work. With cache_latents_to_disk
-they also run once across runs: the next run on the same data reads studio.data.feature_cache's files.
+What differs between families — the denoiser, the text encoding, the noise and loss, the exported layout, the
+sampling defaults — is the family's recipe (studio/families/<family>.py); this engine owns the rest: the dataset and
+its buckets, the latent and text caches, LoRA attachment, checkpoints' adapter state, export and samples.
+
+Batches hold latents and text embeddings ready for the denoiser: the VAE and frozen text encoders run once per
+image / caption when caching is on (the default), so an epoch after the first is all denoiser work. With
+cache_latents_to_disk they also run once across runs: the next run on the same data reads
+studio.data.feature_cache's files. Families with large text encoders (Flux.1's T5) move them off the device once
+every caption is cached.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from diffusers.training_utils import cast_training_params, compute_snr
+from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,23 +32,20 @@ from studio.data.feature_cache import CACHE_DIR, VERSION, DiskCache, Features, f
 from studio.data.images import (DatasetItem, augment_caption, bucket_batches, inspect_dataset, load_pixels,
                                 make_buckets, pick_bucket)
 from studio.engines.base import Engine, Sample
-from studio.models.pipelines import load_sd_pipeline
 from studio.errors import StudioError
-from studio.export.kohya import save_kohya_lora, to_kohya
+from studio.export.lora_file import save_lora_file
 from studio.hardware import storage_dtype, to_device
+from studio.models.pipelines import load_pipeline
 from studio.preview.images import render
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @dataclass
 class ImageBatch:
-    latents: torch.Tensor  # (B, 4, h, w), already scaled by the VAE's scaling factor
+    latents: torch.Tensor  # (B, C, h, w), shifted and scaled as the VAE's config says
     captions: list[str]
     embeds: torch.Tensor | None  # cached text embeddings, or None when the text encoder trains
-    pooled: torch.Tensor | None  # SDXL only
-    time_ids: torch.Tensor | None  # SDXL only: original size, crop, target size per sample
+    pooled: torch.Tensor | None  # families with a pooled text embedding (SDXL, Flux.1)
+    conditioning: torch.Tensor | None  # per-sample size conditioning (SDXL's time ids)
 
 
 class DiffusionEngine(Engine):
@@ -55,54 +58,92 @@ class DiffusionEngine(Engine):
         self._plain_captions = [augment_caption(item.caption, random.Random(0), trigger_word=self.cfg.trigger_word)
                                 for item in self.items]
         self.weight_dtype = storage_dtype(self.autocast, self.device.type)  # LoRA: fp32 (cast_training_params)
-        self.pipe, self.family = load_sd_pipeline(cfg.base_model, allow_unsafe_pickle=cfg.allow_unsafe_pickle,
-                                                  torch_dtype=self.weight_dtype)
-        if cfg.model_family not in ("auto", self.family):
-            raise StudioError(f"model_family is {cfg.model_family} but {cfg.base_model} is a {self.family} model. "
-                              "Set model_family: auto.")
+        self.pipe, self.family = load_pipeline(cfg.base_model, allow_unsafe_pickle=cfg.allow_unsafe_pickle,
+                                               torch_dtype=self.weight_dtype, components=cfg.base_components)
+        if cfg.model_family not in ("auto", self.family.name):
+            raise StudioError(f"model_family is {cfg.model_family} but {cfg.base_model} is a {self.family.label} "
+                              f"model ({self.family.name}). Set model_family: auto.")
+        self.recipe = self.family.load_recipe()
+        problems = self.recipe.check(cfg)
+        if problems:
+            raise StudioError("\n".join(problems))
         pipe = self.pipe
         pipe.set_progress_bar_config(disable=True)
+        self.denoiser = getattr(pipe, self.recipe.denoiser)
         self.text_encoders = {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")
                               if getattr(pipe, name, None) is not None}
-        for module in (pipe.unet, pipe.vae, *self.text_encoders.values()):
+        for module in (self.denoiser, pipe.vae, *self.text_encoders.values()):
             module.requires_grad_(False)
         pipe.to(self.device)
         pipe.vae.to(torch.float32)  # the SD VAEs overflow in fp16; it runs once per image anyway
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.noise_scheduler = self.recipe.noise_scheduler(pipe)
         self._attach_lora()
         if cfg.init_lora:
             self._load_init_lora(Path(cfg.init_lora))
         self._log_attention()
         if cfg.torch_compile:
-            pipe.unet.compile()  # in place: parameter names, and so the LoRA keys, stay as they are
+            self.denoiser.compile()  # in place: parameter names, and so the LoRA keys, stay as they are
 
         self.disk_cache = self._open_disk_cache() if cfg.cache_latents_to_disk else None
         self._bucket_and_cache()
         # Frozen text encoders see each distinct caption once; shuffled tags make captions too varied to cache.
         self.text_cache: dict[str, tuple] | None = (
             {} if not cfg.train_text_encoder and not cfg.shuffle_tags else None)
+        self._encoders_offloaded = False
+        if self.text_cache is not None:
+            self._cache_all_captions()
+
+    def _cache_all_captions(self) -> None:
+        """Every caption a step can see, encoded up front; then the family's large encoders leave the device."""
+        captions = sorted(set(self._plain_captions) | ({""} if self.cfg.caption_dropout else set()))
+        self._cached_text(captions)
+        if self.recipe.offload_encoders and self.device.type != "cpu":
+            for encoder in self.text_encoders.values():
+                encoder.to("cpu")
+            self._encoders_offloaded = True
+            self.events.emit("log", message=f"Cached {len(captions)} caption embeddings; text encoders moved off "
+                                            f"the {self.device.type} device.")
+
+    @contextmanager
+    def _encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the device for a moment (sample prompts, a caption not cached yet)."""
+        if not self._encoders_offloaded:
+            yield
+            return
+        for encoder in self.text_encoders.values():
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder in self.text_encoders.values():
+                encoder.to("cpu")
 
     def _attach_lora(self) -> None:
         cfg = self.cfg
         common = dict(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
                       init_lora_weights="gaussian")
-        self.pipe.unet.add_adapter(LoraConfig(target_modules=cfg.target_modules or UNET_TARGETS, **common))
-        trained = [self.pipe.unet]
+        self.denoiser.add_adapter(LoraConfig(target_modules=self.targets, **common))
+        trained = [self.denoiser]
         if cfg.train_text_encoder:
             for encoder in self.text_encoders.values():
-                encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **common))
+                encoder.add_adapter(LoraConfig(target_modules=list(self.recipe.text_encoder_targets), **common))
                 trained.append(encoder)
         cast_training_params(trained, dtype=torch.float32)
         self._trained = trained
         if cfg.gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
+    @property
+    def targets(self) -> list[str]:
+        return self.cfg.target_modules or list(self.recipe.targets)
+
     def _log_attention(self) -> None:
-        """Which attention the UNet runs: diffusers' *2_0 processors call PyTorch's fused SDPA kernels."""
-        names = sorted({type(p).__name__ for p in self.pipe.unet.attn_processors.values()})
-        fused = all(name.endswith("2_0") for name in names)
-        self.events.emit("log", message=f"UNet attention: {', '.join(names)}"
-                         + (" (PyTorch SDPA)." if fused else " — not SDPA: slower and more memory per step."))
+        """Which attention the denoiser runs: diffusers' plain AttnProcessor materialises the attention matrix; the
+        others call PyTorch's fused SDPA kernels."""
+        names = sorted({type(p).__name__ for p in self.denoiser.attn_processors.values()})
+        slow = "AttnProcessor" in names
+        self.events.emit("log", message=f"Attention: {', '.join(names)}"
+                         + (" — not SDPA: slower and more memory per step." if slow else " (PyTorch SDPA)."))
 
     def _open_disk_cache(self) -> DiskCache:
         self._digests = [file_digest(item.path) for item in self.items]
@@ -111,15 +152,14 @@ class DiffusionEngine(Engine):
         return DiskCache(folder, lambda text: self.events.emit("log", message=text))
 
     def enable_gradient_checkpointing(self) -> None:
-        self.pipe.unet.enable_gradient_checkpointing()
+        self.denoiser.enable_gradient_checkpointing()
         for encoder in self._trained[1:]:
             encoder.gradient_checkpointing_enable()
 
     def _bucket_and_cache(self) -> None:
         """Each image's bucket at cfg.resolution, and the latent cache for those buckets."""
-        cfg, pipe = self.cfg, self.pipe
-        # Bucket sides must survive the VAE (x8) and the UNet's downsampling (x2 per extra level).
-        step = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        cfg = self.cfg
+        step = self.recipe.bucket_step(self.pipe)
         self.side = max(step, cfg.resolution // step * step)
         buckets = make_buckets(self.side, step) if cfg.enable_bucket else [(self.side, self.side)]
         self.item_buckets = [pick_bucket(item.size, buckets) for item in self.items]
@@ -132,7 +172,7 @@ class DiffusionEngine(Engine):
 
     def _lora_modules(self) -> dict[str, torch.nn.Module]:
         """Prefix → module, for the modules that carry LoRA weights (the prefixes kohya conversion expects)."""
-        modules = {"unet": self.pipe.unet}
+        modules = {self.recipe.denoiser: self.denoiser}
         if self.cfg.train_text_encoder:
             modules.update(self.text_encoders)
         return modules
@@ -143,7 +183,7 @@ class DiffusionEngine(Engine):
             raise StudioError(f"init_lora {path} must be a .safetensors LoRA file.")
         theirs = load_file(str(path))
         ours = self.adapter_state()
-        kohya_of = _kohya_names(ours, self.cfg.effective_alpha, self.family)
+        kohya_of = self._file_names(ours)
         extra = sorted({k.split(".")[0] for k in theirs} - {k.split(".")[0] for k in kohya_of.values()})
         if extra:
             raise StudioError(f"init_lora {path.name} has LoRA weights for {len(extra)} module(s) this run does not "
@@ -156,13 +196,14 @@ class DiffusionEngine(Engine):
                 continue
             weight = theirs[kohya_key]
             if weight.shape != ours[peft_key].shape:
-                rank = weight.shape[0] if ".lora_down." in kohya_key else weight.shape[1]
+                rank = weight.shape[0] if ".lora_down." in kohya_key or ".lora_A." in kohya_key else weight.shape[1]
                 raise StudioError(f"init_lora {path.name}: {kohya_key} has shape {tuple(weight.shape)}, this run "
                                   f"expects {tuple(ours[peft_key].shape)}. Set lora_rank to the file's rank "
                                   f"({rank}).")
-            # Fold the file's alpha/rank into lora_up so the product matches under this run's alpha/rank.
-            if ".lora_up." in kohya_key:
-                base = kohya_key.split(".")[0]
+            # Fold the file's alpha/rank into lora_up so the product matches under this run's alpha/rank (a file
+            # without alpha keys, e.g. Flux's diffusers layout, has its scale folded in already: alpha = rank).
+            if ".lora_up." in kohya_key or ".lora_B." in kohya_key:
+                base = kohya_key.split(".lora_")[0]
                 rank = weight.shape[1]
                 their_scale = float(theirs.get(f"{base}.alpha", torch.tensor(rank))) / rank
                 weight = weight * (their_scale / (self.cfg.effective_alpha / self.cfg.lora_rank))
@@ -210,8 +251,9 @@ class DiffusionEngine(Engine):
         embeds = pooled = None
         if self.text_cache is not None:
             embeds, pooled = self._cached_text(captions)
-        time_ids = self._time_ids(items) if self.family == "sdxl" else None
-        return ImageBatch(latents, captions, embeds, pooled, time_ids)
+        conditioning = self.recipe.size_conditioning([self.items[i].size for i in items],
+                                                     [self.item_buckets[i] for i in items])
+        return ImageBatch(latents, captions, embeds, pooled, conditioning)
 
     def _encode_latents(self, items: list[int], flips: list[bool]) -> torch.Tensor:
         if self.disk_cache is None:
@@ -231,33 +273,22 @@ class DiffusionEngine(Engine):
         vae = self.pipe.vae
         # The distribution's mean, not a sample: deterministic, and identical with or without the cache.
         latents = vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mean
-        return latents * vae.config.scaling_factor
-
-    def _time_ids(self, items: list[int]) -> torch.Tensor:
-        """SDXL's size conditioning: (original h, w, crop top, left, target h, w) per sample."""
-        rows = []
-        for i in items:
-            width, height = self.item_buckets[i]
-            scale = max(width / self.items[i].size[0], height / self.items[i].size[1])
-            orig_w, orig_h = round(self.items[i].size[0] * scale), round(self.items[i].size[1] * scale)
-            rows.append([orig_h, orig_w, (orig_h - height) // 2, (orig_w - width) // 2, height, width])
-        return torch.tensor(rows, dtype=torch.float32)
+        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """diffusers' own prompt encoding (penultimate layers, pooled output for SDXL)."""
-        out = self.pipe.encode_prompt(prompt=captions, device=self.device, num_images_per_prompt=1,
-                                       do_classifier_free_guidance=False)
-        return (out[0], out[2]) if self.family == "sdxl" else (out[0], None)
+        return self.recipe.encode_text(self.pipe, captions, self.device)
 
     @torch.no_grad()
     def _cached_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         new = sorted({c for c in captions if c not in self.text_cache})
-        for caption, features in zip(new, self._text_features(new) if new else []):
-            self.text_cache[caption] = (features["embeds"].to(self.device),
-                                        features["pooled"].to(self.device) if "pooled" in features else None)
+        if new:
+            with self._encoders_on_device():
+                for caption, features in zip(new, self._text_features(new)):
+                    self.text_cache[caption] = (features["embeds"].to(self.device),
+                                                features["pooled"].to(self.device) if "pooled" in features else None)
         embeds = torch.stack([self.text_cache[c][0] for c in captions])
-        pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.family == "sdxl" else None
-        return embeds, pooled
+        pooled = self.text_cache[captions[0]][1]
+        return embeds, (torch.stack([self.text_cache[c][1] for c in captions]) if pooled is not None else None)
 
     def _text_features(self, captions: list[str]) -> list[Features]:
         def encode(positions: list[int]) -> list[Features]:
@@ -267,51 +298,21 @@ class DiffusionEngine(Engine):
 
         if self.disk_cache is None:
             return encode(list(range(len(captions))))
-        keys = [f"text|{self._cache_id}|{self.family}|{self.weight_dtype}|{caption}" for caption in captions]
+        keys = [f"text|{self._cache_id}|{self.family.name}|{self.weight_dtype}|{caption}" for caption in captions]
         return self.disk_cache.fetch(keys, encode)
 
     # --- training ----------------------------------------------------------------------------------------------------
     def loss(self, batch: ImageBatch, rng: torch.Generator) -> torch.Tensor:
         latents = to_device(batch.latents, self.device, self.weight_dtype)
-        bsz = latents.shape[0]
-        noise = to_device(torch.randn(latents.shape, generator=rng), self.device, latents.dtype)
-        if self.cfg.noise_offset:
-            # Shifts each channel's mean so the model learns to change overall brightness.
-            offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=rng)
-            noise = noise + self.cfg.noise_offset * offset.to(self.device, latents.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=rng)
-        timesteps = to_device(timesteps, self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-
         if batch.embeds is None:
             embeds, pooled = self._encode_text(batch.captions)
         else:
             embeds, pooled = batch.embeds, batch.pooled
-        extra = {}
-        if self.family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(self.device),
-                                          "time_ids": to_device(batch.time_ids, self.device, embeds.dtype)}
-        pred = self.pipe.unet(noisy, timesteps, embeds.to(self.device), **extra).sample
-
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise StudioError(f"The scheduler's prediction_type '{prediction_type}' is not supported for training "
-                              "(epsilon or v_prediction).")
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.cfg.min_snr_gamma:
-            # Min-SNR weighting (Hang et al. 2023): stop easy, low-noise steps from dominating the loss.
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            weight = snr.clamp(max=self.cfg.min_snr_gamma)
-            per_sample = per_sample * (weight / (snr + 1 if prediction_type == "v_prediction" else snr))
-        return per_sample.mean()
+        return self.recipe.loss(self, latents, embeds.to(self.device), pooled, batch.conditioning, rng)
 
     def param_groups(self) -> list[dict]:
-        unet = [p for p in self.pipe.unet.parameters() if p.requires_grad]
-        groups = [{"params": unet, "lr": self.cfg.learning_rate}]
+        denoiser = [p for p in self.denoiser.parameters() if p.requires_grad]
+        groups = [{"params": denoiser, "lr": self.cfg.learning_rate}]
         text = [p for m in self._trained[1:] for p in m.parameters() if p.requires_grad]
         if text:
             groups.append({"params": text, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
@@ -333,8 +334,8 @@ class DiffusionEngine(Engine):
                 raise StudioError(f"Adapter weights do not fit {prefix}: unexpected {result.unexpected_keys[:3]}.")
 
     def export(self, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        main = save_kohya_lora(out_dir / f"{self.cfg.name}.safetensors", self.adapter_state(),
-                               self.cfg.effective_alpha, self.family, metadata)
+        main = save_lora_file(out_dir / f"{self.cfg.name}.safetensors",
+                              self.recipe.to_file(self.adapter_state(), self.cfg.effective_alpha), metadata)
         files = [main]
         if self.cfg.export_peft_format:
             layers = {f"{prefix}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
@@ -347,7 +348,8 @@ class DiffusionEngine(Engine):
         out_dir.mkdir(parents=True, exist_ok=True)
         samples = []
         for i, prompt in enumerate(prompts):
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            with self._encoders_on_device(), torch.autocast(self.device.type, dtype=self.autocast,
+                                                            enabled=self.autocast is not None):
                 image = render(self.pipe, prompt, seed=self.cfg.seed + i, steps=self.cfg.sample_inference_steps,
                                width=self.side, height=self.side)
             path = out_dir / f"step-{step:06d}-{i}.png"
@@ -356,13 +358,13 @@ class DiffusionEngine(Engine):
         return samples
 
     def describe(self) -> dict[str, str]:
-        return {"ss_base_model_version": self.family, "ss_network_module": "networks.lora",
-                "studio_target_modules": ",".join(self.cfg.target_modules or UNET_TARGETS)}
+        return {"ss_base_model_version": self.family.webui_version, "ss_network_module": self.family.network_module,
+                "studio_model_family": self.family.name, "studio_target_modules": ",".join(self.targets)}
 
-
-def _kohya_names(peft_state: dict[str, torch.Tensor], alpha: float, family: str) -> dict[str, str]:
-    """peft key → kohya key, found by running the real conversion on tensors tagged with their index."""
-    keys = list(peft_state)
-    tagged = {k: torch.full((1, 1), float(i)) for i, k in enumerate(keys)}
-    converted = to_kohya(tagged, alpha, family)
-    return {keys[int(v.item())]: k for k, v in converted.items() if not k.endswith(".alpha")}
+    def _file_names(self, peft_state: dict[str, torch.Tensor]) -> dict[str, str]:
+        """peft key → key in the exported file, found by running the real conversion on tensors tagged with their
+        index (alpha = rank: the tags pass through unscaled)."""
+        keys = list(peft_state)
+        tagged = {k: torch.full((1, 1), float(i)) for i, k in enumerate(keys)}
+        converted = self.recipe.to_file(tagged, 1.0)
+        return {keys[int(v.item())]: k for k, v in converted.items() if not k.endswith(".alpha")}

@@ -7,33 +7,21 @@ mapping; it writes alpha = rank, so the real `lora_alpha` is written over it (el
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-from safetensors.torch import save_file
-
-from studio.fileio import atomic_path
 
 
-def to_kohya(peft_state: dict[str, torch.Tensor], alpha: float, family: str) -> dict[str, torch.Tensor]:
-    """PEFT LoRA weights keyed `unet.…`, `text_encoder.…`, `text_encoder_2.…` → kohya keys with the true alpha."""
+def to_kohya(peft_state: dict[str, torch.Tensor], alpha: float,
+             renames: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """PEFT LoRA weights keyed `unet.…`, `text_encoder.…`, `text_encoder_2.…` → kohya keys with the true alpha;
+    `renames` are the family's prefix renames (SD1.5's one text encoder is `lora_te_` in WebUI, not `lora_te1_`)."""
     kohya = convert_state_dict_to_kohya({_with_text_model(k): v for k, v in peft_state.items()})
     out = {}
     for key, value in kohya.items():
-        if family == "sd15":
-            key = key.replace("lora_te1_", "lora_te_")  # SD1.5 has one text encoder: WebUI's name is lora_te_
+        for old, new in (renames or {}).items():
+            key = key.replace(old, new)
         out[key] = torch.tensor(float(alpha)) if key.endswith(".alpha") else value.detach().contiguous().cpu()
     return out
-
-
-def save_kohya_lora(path: str | Path, peft_state: dict[str, torch.Tensor], alpha: float, family: str,
-                    metadata: dict[str, str]) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(to_kohya(peft_state, alpha, family), str(tmp),
-                  metadata={k: str(v) for k, v in metadata.items()})
-    return path
 
 
 def _with_text_model(key: str) -> str:

@@ -1,6 +1,6 @@
-"""Load a Stable Diffusion base model — diffusers folder, hub id, or single-file checkpoint — as a pipeline.
-
-Used by the diffusion engine and the image preview, so both read models the same way.
+"""Load an image base model — diffusers folder, hub id, or single-file checkpoint — as a diffusers pipeline, with the
+registered family it belongs to. Used by the diffusion engine, the image preview and the planner's sources, so all
+read models the same way.
 """
 
 from __future__ import annotations
@@ -9,24 +9,24 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 
 from studio.errors import StudioError
-
-SUPPORTED_CLASSES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
-
-
-def pipeline_family(pipe: DiffusionPipeline) -> str:
-    return "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
+from studio.families import Family, family_of_pipeline_class, supported_text
+from studio.tasks import IMAGE_TASK
 
 
-def load_sd_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False,
-                     torch_dtype: torch.dtype | None = None) -> tuple[DiffusionPipeline, str]:
-    """(pipeline, family) for `base_model`; every failure is a StudioError that says what to do."""
+def load_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False, torch_dtype: torch.dtype | None = None,
+                  components: str | None = None) -> tuple[DiffusionPipeline, Family]:
+    """(pipeline, family) for `base_model`; every failure is a StudioError that says what to do. `components` is
+    where a single-file checkpoint's missing parts (text encoders, VAE, tokenizers) come from, for the families whose
+    files hold only the denoiser (Flux.1)."""
     path = Path(base_model).expanduser()
     if path.is_file():
-        from studio.models.single_file import load_single_file
-        return load_single_file(path, allow_unsafe_pickle=allow_unsafe_pickle, torch_dtype=torch_dtype)
+        from studio.models.single_file import detect_family
+        family = detect_family(path, allow_unsafe_pickle=allow_unsafe_pickle)
+        return family.load_single_file(path, allow_unsafe_pickle=allow_unsafe_pickle, torch_dtype=torch_dtype,
+                                       components=components), family
     if path.is_dir():
         _check_local_folder(path)
     try:
@@ -39,10 +39,15 @@ def load_sd_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False,
             "Give a local diffusers folder or a .safetensors checkpoint, or download the model first "
             f"(`hf download {base_model} --local-dir models/{Path(base_model).name}`) on a machine "
             "with internet access.") from None
-    if type(pipe).__name__ not in SUPPORTED_CLASSES:
-        raise StudioError(f"'{base_model}' is a {type(pipe).__name__}; LoRA Studio trains Stable Diffusion 1.x "
-                          "and SDXL models.")
-    return pipe, pipeline_family(pipe)
+    return pipe, _family_of(type(pipe).__name__, base_model)
+
+
+def _family_of(cls: str, where: str) -> Family:
+    family = family_of_pipeline_class(cls)
+    if family is None:
+        raise StudioError(f"{where} holds a {cls}; LoRA Studio trains text-to-image {supported_text(IMAGE_TASK)} "
+                          f"models (fill, inpainting, control, Kontext and Redux variants are not supported).")
+    return family
 
 
 def _check_local_folder(path: Path) -> None:
@@ -50,7 +55,4 @@ def _check_local_folder(path: Path) -> None:
     if not index.is_file():
         raise StudioError(f"{path} is a folder but not a diffusers model (no model_index.json). Point base_model at "
                           "the model's folder, or at a single .safetensors checkpoint file.")
-    cls = json.loads(index.read_text()).get("_class_name", "?")
-    if cls not in SUPPORTED_CLASSES:
-        raise StudioError(f"{path} holds a {cls}; LoRA Studio trains Stable Diffusion 1.x and SDXL models "
-                          f"({', '.join(SUPPORTED_CLASSES)}).")
+    _family_of(json.loads(index.read_text()).get("_class_name", "?"), str(path))

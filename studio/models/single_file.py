@@ -1,9 +1,10 @@
-"""Single-file Stable Diffusion checkpoints, as A1111 / ComfyUI users keep them (models/Stable-diffusion/*.safetensors).
+"""Single-file checkpoints, as A1111 / ComfyUI users keep them (models/Stable-diffusion/*.safetensors), and the
+Stable Diffusion loader for them (Flux.1's is studio/models/flux_single_file.py).
 
-`detect_family(path)` tells SD1.5 from SDXL by the weights' names in the safetensors header (never the file name, never
-the weights themselves). `load_single_file(path)` builds a diffusers pipeline from the file with diffusers' own
+`detect_family(path)` asks the registered families which one the weights' names in the safetensors header belong to
+(never the file name, never the weights themselves). `load_single_file(path)` builds a diffusers pipeline from the file with diffusers' own
 single-file converters (`UNet2DConditionModel.from_single_file`, `AutoencoderKL.from_single_file`,
-`create_diffusers_clip_model_from_ldm`) and the configs shipped in `configs/<family>/`, so nothing is downloaded.
+`create_diffusers_clip_model_from_ldm`) and the configs shipped in `studio/models/configs/<family>/`, so nothing is downloaded.
 
 Why component by component rather than `StableDiffusionXLPipeline.from_single_file`: the pipeline loader picks the
 checkpoint prefix of each text encoder by hidden size, so when both SDXL encoders have the same width (the tiny demo
@@ -15,6 +16,7 @@ Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused unless the run s
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import pickle
@@ -23,9 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from studio.errors import StudioError
+from studio.families import Family, family_of_shapes, supported_text
 
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
-FAMILIES = ("sd15", "sdxl")
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES
@@ -35,8 +36,9 @@ VAE = "first_stage_model."
 SD15_TEXT = "cond_stage_model.transformer."
 SDXL_TEXT = "conditioner.embedders.0.transformer."
 SDXL_TEXT_2 = "conditioner.embedders.1.model."
-PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-FAMILY_NAME = {"sd15": "SD1.5", "sdxl": "SDXL"}
+# Where each pipeline's text encoders live in an A1111-layout checkpoint.
+TEXT_ENCODERS = {"StableDiffusionPipeline": {"text_encoder": SD15_TEXT},
+                 "StableDiffusionXLPipeline": {"text_encoder": SDXL_TEXT, "text_encoder_2": SDXL_TEXT_2}}
 
 
 class _QuietFp32Notice(logging.Filter):
@@ -70,10 +72,6 @@ def is_single_file(path: str | Path) -> bool:
 
 def is_pickle(path: str | Path) -> bool:
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
-
-
-def default_config_dir(family: str) -> Path:
-    return CONFIG_ROOT / family
 
 
 # ----------------------------------------------------------------------------------------------- reading the file
@@ -181,36 +179,17 @@ _OTHER_NAMES = {"v2": "Stable Diffusion 2.x", "xl_refiner": "SDXL refiner", "ups
                 "wan-t2v-14B": "Wan", "wan-t2v-1.3B": "Wan", "hidream": "HiDream", "chroma": "Chroma"}
 
 
-def family_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> str:
-    """'sd15' or 'sdxl' from a checkpoint's tensor names (and a few shapes); StudioError for anything else."""
-    supported = "Studio trains LoRAs on SD1.5- and SDXL-based checkpoints."
-    if not shapes:
-        raise StudioError(f"base_model: {name} holds no tensors.")
-    keys = list(shapes)
-    if not _has(shapes, UNET):
-        if any("lora_" in k or ".lora." in k or ".hada_" in k or ".lokr_" in k for k in keys):
-            raise StudioError(f"base_model: {name} is a LoRA/LyCORIS adapter, not a base model. Set base_model to the "
-                              f"checkpoint it was trained on; {supported}")
-        if _has(shapes, "down_blocks.") or _has(shapes, "text_model."):
-            raise StudioError(f"base_model: {name} holds a single diffusers-format component (UNet or text encoder), "
-                              f"not a full checkpoint. Point base_model at the whole diffusers model folder instead.")
-        if _has(shapes, "encoder.down.") or _has(shapes, "decoder.up.") or _has(shapes, "encoder.down_blocks."):
-            raise StudioError(f"base_model: {name} is a standalone VAE, not a full checkpoint. {supported}")
-        other = _OTHER_NAMES.get(_known_other_type(shapes) or "")
-        what = f"It looks like a {other} file. " if other else ""
-        raise StudioError(f"base_model: {name} is not a Stable Diffusion checkpoint Studio recognises: it has no "
-                          f"UNet weights ({UNET}*). {what}{supported}")
-
+def stable_diffusion_kind(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> str | None:
+    """'sd15' or 'sdxl' for an A1111-layout checkpoint; None when it has no SD UNet; StudioError for an SD layout
+    that cannot be trained (inpainting, refiner, SD2, UNet-only, no VAE)."""
+    supported = f"Studio trains LoRAs on {supported_text()} checkpoints."
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None:
-        other = _OTHER_NAMES.get(_known_other_type(shapes) or "")
-        raise StudioError(f"base_model: {name} is not an SD1.5/SDXL UNet checkpoint"
-                          f"{f' (it looks like {other})' if other else ''}. {supported}")
+        return None
     if len(conv_in) == 4 and conv_in[1] != 4:
         kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(conv_in[1], f"a {conv_in[1]}-channel")
         raise StudioError(f"base_model: {name} is {kind} model (its UNet takes {conv_in[1]} input channels, not 4). "
                           f"Use the matching regular text-to-image checkpoint. {supported}")
-
     if _has(shapes, SDXL_TEXT_2) and _has(shapes, SDXL_TEXT):
         family = "sdxl"
     elif _has(shapes, SD15_TEXT):
@@ -231,9 +210,32 @@ def family_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "check
     return family
 
 
-def detect_family(path: str | Path, *, allow_unsafe_pickle: bool = False) -> str:
-    """'sd15' or 'sdxl' for a single-file checkpoint, from the tensor names in its safetensors header (no tensor
-    data is read). Pickle files are refused unless `allow_unsafe_pickle` (then they have to be loaded to be read)."""
+def family_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> Family:
+    """The registered family whose checkpoint layout the tensor names have; StudioError that says what the file is
+    otherwise (an adapter, a lone component, a VAE, another model type)."""
+    supported = f"Studio trains LoRAs on {supported_text()} checkpoints."
+    if not shapes:
+        raise StudioError(f"base_model: {name} holds no tensors.")
+    keys = list(shapes)
+    if any("lora_" in k or ".lora." in k or ".hada_" in k or ".lokr_" in k or ".lora_A." in k for k in keys):
+        raise StudioError(f"base_model: {name} is a LoRA/LyCORIS adapter, not a base model. Set base_model to the "
+                          f"checkpoint it was trained on; {supported}")
+    family = family_of_shapes(shapes, name)
+    if family is not None:
+        return family
+    if _has(shapes, "down_blocks.") or _has(shapes, "text_model."):
+        raise StudioError(f"base_model: {name} holds a single diffusers-format component (UNet or text encoder), "
+                          f"not a full checkpoint. Point base_model at the whole diffusers model folder instead.")
+    if _has(shapes, "encoder.down.") or _has(shapes, "decoder.up.") or _has(shapes, "encoder.down_blocks."):
+        raise StudioError(f"base_model: {name} is a standalone VAE, not a full checkpoint. {supported}")
+    other = _OTHER_NAMES.get(_known_other_type(shapes) or "")
+    what = f"It looks like a {other} file. " if other else ""
+    raise StudioError(f"base_model: {name} is not a checkpoint layout Studio recognises. {what}{supported}")
+
+
+def detect_family(path: str | Path, *, allow_unsafe_pickle: bool = False) -> Family:
+    """The family of a single-file checkpoint, from the tensor names in its safetensors header (no tensor data is
+    read). Pickle files are refused unless `allow_unsafe_pickle` (then they have to be loaded to be read)."""
     path = Path(path)
     _check_file(path)
     if is_pickle(path):
@@ -247,16 +249,15 @@ def detect_family(path: str | Path, *, allow_unsafe_pickle: bool = False) -> str
 
 # ------------------------------------------------------------------------------------------------------- loading
 
-def _read_index(config_dir: Path, family: str, name: str) -> dict:
+def _read_index(config_dir: Path, family: Family, name: str) -> dict:
     index_file = config_dir / "model_index.json"
     if not index_file.is_file():
         raise StudioError(f"Single-file config folder {config_dir} has no model_index.json (expected a diffusers "
                           f"layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
     index = json.loads(index_file.read_text(encoding="utf-8"))
-    wanted = PIPELINE_CLASS[family]
-    if not str(index.get("_class_name", "")).startswith(wanted):
-        raise StudioError(f"{name} is an {FAMILY_NAME[family]} checkpoint but the config folder {config_dir} is for "
-                          f"{index.get('_class_name')}; use an {wanted} config folder.")
+    if index.get("_class_name") not in TEXT_ENCODERS or index["_class_name"] not in family.pipeline_classes:
+        raise StudioError(f"{name} is an {family.label} checkpoint but the config folder {config_dir} is for "
+                          f"{index.get('_class_name')}; use an {family.pipeline_classes[0]} config folder.")
     return index
 
 
@@ -283,64 +284,59 @@ def _build(component: str, name: str, config_dir: Path, fn: Callable[[], Any]) -
 
 
 def load_single_file(path: str | Path, *, allow_unsafe_pickle: bool = False, config_dir: str | Path | None = None,
-                     torch_dtype=None):
-    """Load a single-file SD1.5/SDXL checkpoint as a diffusers pipeline. Returns `(pipeline, family)`.
+                     torch_dtype=None, **_):
+    """Load a single-file SD1.5/SDXL checkpoint as a diffusers pipeline.
 
     `config_dir` is a diffusers-layout folder with the component configs, tokenizers and scheduler (no weights
-    needed); by default the shipped `configs/sd15` or `configs/sdxl` for the detected family. Weights load in
+    needed); by default the shipped configs of the detected family (studio/models/configs/). Weights load in
     `torch_dtype` (float32 when None). No network access: everything comes from the file and `config_dir`.
     """
     import diffusers
     import torch
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     path = Path(path)
     _check_file(path)
     ckpt = _Checkpoint(path, allow_unsafe_pickle)
     family = family_from_shapes(ckpt.shapes, path.name)
-    config_dir = Path(config_dir) if config_dir is not None else default_config_dir(family)
+    config_dir = Path(config_dir) if config_dir is not None else family.config_path
     index = _read_index(config_dir, family, path.name)
     cfg = str(config_dir)
     dtype = torch_dtype or torch.float32
     common = {"config": cfg, "torch_dtype": dtype, "local_files_only": True}
 
-    def clip(cls, subfolder: str, prefix: str):
-        part = ckpt.take(prefix)
-        return create_diffusers_clip_model_from_ldm(cls, checkpoint=part, config=cfg, subfolder=subfolder,
-                                                    torch_dtype=dtype, local_files_only=True)
+    def clip(subfolder: str, prefix: str):
+        cls = getattr(transformers, index[subfolder][1])
+        return create_diffusers_clip_model_from_ldm(cls, checkpoint=ckpt.take(prefix), config=cfg,
+                                                    subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
 
     parts: dict[str, Any] = {}
     parts["unet"] = _build("UNet", path.name, config_dir, lambda: UNet2DConditionModel.from_single_file(
         ckpt.take(UNET), subfolder="unet", **common))
     parts["vae"] = _build("VAE", path.name, config_dir, lambda: AutoencoderKL.from_single_file(
         ckpt.take(VAE), subfolder="vae", **common))
-    if family == "sdxl":
-        parts["text_encoder"] = _build("text encoder", path.name, config_dir,
-                                       lambda: clip(CLIPTextModel, "text_encoder", SDXL_TEXT))
-        parts["text_encoder_2"] = _build("second text encoder", path.name, config_dir,
-                                         lambda: clip(CLIPTextModelWithProjection, "text_encoder_2", SDXL_TEXT_2))
-    else:
-        parts["text_encoder"] = _build("text encoder", path.name, config_dir,
-                                       lambda: clip(CLIPTextModel, "text_encoder", SD15_TEXT))
+    for component, prefix in TEXT_ENCODERS[index["_class_name"]].items():
+        parts[component] = _build(component.replace("_", " "), path.name, config_dir,
+                                  lambda: clip(component, prefix))
     del ckpt
 
     try:
-        parts["tokenizer"] = CLIPTokenizer.from_pretrained(cfg, subfolder="tokenizer")
-        if family == "sdxl":
-            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(cfg, subfolder="tokenizer_2")
+        for component in TEXT_ENCODERS[index["_class_name"]]:
+            tokenizer = component.replace("text_encoder", "tokenizer")
+            parts[tokenizer] = CLIPTokenizer.from_pretrained(cfg, subfolder=tokenizer)
         scheduler_cls = getattr(diffusers, index["scheduler"][1])
         parts["scheduler"] = scheduler_cls.from_pretrained(cfg, subfolder="scheduler")
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise StudioError(f"Single-file config folder {config_dir} is incomplete: {e}") from e
 
-    if family == "sdxl":
-        pipe = diffusers.StableDiffusionXLPipeline(
-            **parts, force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
-            add_watermarker=False)
-    else:
-        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)
+    pipe_cls = getattr(diffusers, index["_class_name"])
+    # No NSFW classifier, no invisible watermark: a training studio renders samples, not a hosted service.
+    quiet = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+             "add_watermarker": False, "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+    accepted = inspect.signature(pipe_cls.__init__).parameters
+    pipe = pipe_cls(**parts, **{k: v for k, v in quiet.items() if k in accepted})
     pipe.register_to_config(_name_or_path=str(path))
-    return pipe, family
+    return pipe

@@ -18,10 +18,8 @@ from studio.config import RunConfig, config_from_dict
 from studio.hardware import Hardware, auto_precision, detect
 from studio.plan.memory import plan_memory
 from studio.plan.report import MemoryPlan
-from studio.suggest import resolve_family
+from studio.families import resolve_family
 
-# Where the family's own resolution applies when neither the user nor the preset chose one.
-NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 MAX_STEPS = 64  # ladder steps before giving up (each halves or lowers something: far more than ever needed)
 
 
@@ -52,7 +50,8 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
     cfg = config_from_dict(data, check_paths=check_paths, base_dir=base_dir)
     hardware = hardware or detect()
     user = {key for key, value in data.items() if value is not None} - {"preset"}
-    family = resolve_family(cfg)
+    record = resolve_family(cfg)
+    family = record.name
     card = card_memory(cfg, hardware)
     reasons: dict[str, str] = {}
 
@@ -65,8 +64,14 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
     if cfg.mixed_precision == "auto":
         gpu = card is not None
         put("mixed_precision", *auto_precision("cuda" if gpu else hardware.device, hardware.bf16 if gpu else False))
-    if family in NATIVE_RESOLUTION and "resolution" not in _preset_keys(cfg):
-        put("resolution", NATIVE_RESOLUTION[family], f"{family}'s native resolution")
+    # The family's own values: over a generic preset's (style, character), under a preset made for the family
+    # (one that names its model_family) and under the user's.
+    preset = _preset_keys(cfg)
+    if record.native_resolution and "resolution" not in preset:
+        put("resolution", record.native_resolution, f"{record.label}'s native resolution")
+    for key, value in record.preset_values.items():
+        if "model_family" not in preset or key not in preset:
+            put(key, value, f"{record.label}'s value for the {cfg.preset or 'default'} preset")
     plan = plan_memory(cfg, family, card)
     intent = cfg
     for _ in range(MAX_STEPS):
@@ -84,7 +89,7 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
     for key in MEMORY_KEYS:
         if key not in user and (key in reasons or getattr(cfg, key) != getattr(intent, key) or key in BASE_KEYS):
             reasons[key] = _why(key, intent, cfg, plan, reasons.get(key))
-    return Fitted(cfg, family, plan, {k: reasons[k] for k in MEMORY_KEYS if k in reasons})
+    return Fitted(cfg, family, plan, {k: reasons[k] for k in (*record.preset_values, *MEMORY_KEYS) if k in reasons})
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------------

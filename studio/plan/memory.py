@@ -16,7 +16,7 @@ from studio.config import RunConfig
 from studio.data.captions import list_images
 from studio.hardware import HALF_DTYPES, storage_dtype
 from studio.plan import probes
-from studio.plan.probes import TEXT_TOKENS, Built, Shape
+from studio.plan.probes import Built, Shape
 from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow, count_text
 
 CUDA_CONTEXT_GB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator statistics
@@ -52,7 +52,7 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
                         "gradients of one block's activations"))
     captions = _image_count(cfg) if cfg.is_image and not cfg.train_text_encoder else 0
     if captions:  # frozen text encoders: each caption's embedding is cached on the device (latents stay in RAM)
-        rows.append(PlanRow("cached text embeddings", captions * TEXT_TOKENS * found.text_width * size / GB,
+        rows.append(PlanRow("cached text embeddings", captions * found.text_elements * size / GB,
                             f"up to {captions} captions"))
     if on_gpu:
         rows.append(PlanRow(CONTEXT_ROW, CUDA_CONTEXT_GB, "context and cuBLAS/cuDNN workspaces (not in torch's "

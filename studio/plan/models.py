@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from studio.models.single_file import default_config_dir, detect_family, is_single_file
 from studio.errors import StudioError
+from studio.families import Family, get_family
+from studio.models.single_file import detect_family, is_single_file
 
-LLM_REFERENCE = Path(__file__).resolve().parent.parent / "models" / "configs" / "llama-3.1-8b"
-IMAGE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+LLM_REFERENCE = get_family("llm").config_path
 
 
 @dataclass(frozen=True)
@@ -27,18 +27,18 @@ class ModelSource:
     note: str  # e.g. "from the model's config files", "sized as the reference SDXL (not in the local cache)"
 
 
-def image_source(base_model: str, family: str) -> ModelSource:
+def image_source(base_model: str, family: Family) -> ModelSource:
     path = Path(base_model or "").expanduser()
     if path.is_dir() and (path / "model_index.json").is_file():
         return ModelSource(path, "sizes from the model's config files")
     if path.is_file() and is_single_file(path):
         family = detect_family(path)  # header only
-        return ModelSource(default_config_dir(family), f"sizes of the {family} architecture (from the file header)")
+        return ModelSource(family.config_path, f"sizes of the {family.label} architecture (from the file header)")
     cached = _hub_cached(base_model, "model_index.json")
     if cached:
         return ModelSource(cached, "sizes from the model's config files (local hub cache)")
-    return ModelSource(default_config_dir(family), f"sized as the reference {family} model (its configs are "
-                                                   "not available offline)")
+    return ModelSource(family.config_path, f"sized as the reference {family.label} model (its configs are "
+                                           "not available offline)")
 
 
 def llm_source(base_model: str) -> ModelSource:
@@ -70,19 +70,19 @@ def _read_json(path: Path) -> dict:
         raise StudioError(f"Cannot read {path} to plan the run: {exc}") from None
 
 
-def build_image_component(source: ModelSource, name: str) -> torch.nn.Module | None:
-    """One pipeline component (unet, vae, text encoders) on the meta device, or None if the pipeline has none."""
+def build_image_components(source: ModelSource) -> dict[str, torch.nn.Module]:
+    """The pipeline's model components (denoiser, VAE, text encoders) on the meta device, by model_index.json name."""
     index = _read_json(source.folder / "model_index.json")
-    library, cls_name = (index.get(name) or [None, None])[:2]
-    if not cls_name:
-        return None
-    config = _read_json(source.folder / name / "config.json")
-    module = __import__(library)
-    cls = getattr(module, cls_name)
-    with torch.device("meta"):
-        if library == "diffusers":
-            return cls.from_config(config)
-        return cls(cls.config_class.from_dict(config))
+    parts = {}
+    for name, entry in index.items():
+        library, cls_name = (entry if isinstance(entry, list) else [None, None])[:2]
+        if library not in ("diffusers", "transformers") or not (source.folder / name / "config.json").is_file():
+            continue  # schedulers, tokenizers, absent components
+        config = _read_json(source.folder / name / "config.json")
+        cls = getattr(__import__(library), cls_name)
+        with torch.device("meta"):
+            parts[name] = cls.from_config(config) if library == "diffusers" else cls(cls.config_class.from_dict(config))
+    return parts
 
 
 def build_llm(source: ModelSource) -> torch.nn.Module:

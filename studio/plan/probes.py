@@ -10,11 +10,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from studio.plan.models import (IMAGE_COMPONENTS, ModelSource, build_image_component, build_llm, image_source,
-                                llm_source, param_count)
+from studio.families import get_family
+from studio.plan.models import (ModelSource, build_image_components, build_llm, image_source, llm_source,
+                                param_count)
 from studio.plan.trace import Trace, count_flops, trace_saved
-
-TEXT_TOKENS = 77  # CLIP's context: every SD caption is padded to it
+from studio.tasks import IMAGE_TASK
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Built:
     lora_params: int
     quantizable: int  # LLMs: parameters of the decoder's linear layers, the ones 4-bit loading quantizes
     embeddings: int  # LLMs: parameters of the input and output embedding tables
-    text_width: int  # images: width of the text embeddings the UNet reads (cached per caption)
+    text_elements: int  # images: numbers in one caption's cached text embedding (tokens × width)
     model: torch.nn.Module
     run: Callable[[int], torch.Tensor]  # forward at a resolution / max_length, returning the loss
     checkpointing: Callable[[torch.nn.Module, Callable], None]
@@ -44,7 +44,7 @@ class Built:
 
 @lru_cache(maxsize=8)
 def build(shape: Shape) -> Built:
-    return _build_llm(shape) if shape.family == "llm" else _build_image(shape)
+    return _build_image(shape) if get_family(shape.family).task == IMAGE_TASK else _build_llm(shape)
 
 
 @lru_cache(maxsize=128)
@@ -60,45 +60,40 @@ def flops(shape: Shape, length: int) -> int:
     return count_flops(lambda: built.run(length))
 
 
-# --- images (SD1.5 / SDXL) -------------------------------------------------------------------------------------------
+# --- images (every registered image family; the recipe knows its denoiser's inputs) ----------------------------------
 
 def _build_image(shape: Shape) -> Built:
     from peft import LoraConfig
 
-    from studio.engines.diffusion import TEXT_ENCODER_TARGETS, UNET_TARGETS
-
-    source = image_source(shape.base_model, shape.family)
-    parts = {name: build_image_component(source, name) for name in IMAGE_COMPONENTS}
-    frozen = {name: param_count(module) for name, module in parts.items() if module is not None}
-    unet, vae = parts["unet"], parts["vae"]
-    encoders = [m for name, m in parts.items() if name.startswith("text_encoder") and m is not None]
+    family = get_family(shape.family)
+    recipe = family.load_recipe()
+    source = image_source(shape.base_model, family)
+    parts = build_image_components(source)
+    frozen = {name: param_count(module) for name, module in parts.items()}
+    denoiser, vae = parts[recipe.denoiser], parts["vae"]
+    encoders = [m for name, m in parts.items() if name.startswith("text_encoder")]
     lora = dict(r=shape.rank, lora_alpha=shape.rank, init_lora_weights="gaussian")
-    unet.add_adapter(LoraConfig(target_modules=list(shape.targets or UNET_TARGETS), **lora))
-    trained = [unet]
+    denoiser.add_adapter(LoraConfig(target_modules=list(shape.targets or recipe.targets), **lora))
+    trained = [denoiser]
     if shape.train_text_encoder:
         for encoder in encoders:
-            encoder.add_adapter(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **lora))
+            encoder.add_adapter(LoraConfig(target_modules=list(recipe.text_encoder_targets), **lora))
             trained.append(encoder)
     lora_params = sum(p.numel() for m in trained for p in m.parameters() if p.requires_grad)
     for module in trained:
         module.to(shape.dtype).train()
 
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    config = unet.config
+    tokens, width = recipe.text_shape(denoiser)
 
     def run(resolution: int) -> torch.Tensor:
-        kwargs = {}
-        if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + size conditioning
-            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": _meta(1, pooled, dtype=shape.dtype),
-                                           "time_ids": _meta(1, 6, dtype=shape.dtype)}
         if shape.train_text_encoder:
-            ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device="meta")
+            ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
             embeds = torch.cat([enc(ids, output_hidden_states=True).hidden_states[-2] for enc in trained[1:]], -1)
         else:
-            embeds = _meta(1, TEXT_TOKENS, config.cross_attention_dim, dtype=shape.dtype)
-        noisy = _meta(1, config.in_channels, resolution // scale, resolution // scale, dtype=shape.dtype)
-        pred = unet(noisy, torch.zeros(1, dtype=torch.long, device="meta"), embeds, **kwargs).sample
+            embeds = _meta(1, tokens, width, dtype=shape.dtype)
+        pred = denoiser(**recipe.meta_inputs(denoiser, resolution // scale, embeds, shape.dtype),
+                        return_dict=False)[0]
         return F.mse_loss(pred.float(), torch.empty_like(pred, dtype=torch.float32))
 
     def checkpointing(model, func):
@@ -106,7 +101,7 @@ def _build_image(shape: Shape) -> Built:
         for encoder in trained[1:]:
             _transformers_checkpointing(encoder, func)
 
-    return Built(source, frozen, lora_params, 0, 0, config.cross_attention_dim, unet, run, checkpointing)
+    return Built(source, frozen, lora_params, 0, 0, tokens * width, denoiser, run, checkpointing)
 
 
 # --- causal LMs ------------------------------------------------------------------------------------------------------

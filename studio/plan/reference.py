@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.models.single_file import default_config_dir
+from studio.families import get_family
 from studio.hardware import Hardware
 from studio.plan.fit import Fitted, fit_config
 from studio.plan.models import LLM_REFERENCE
 
 REFERENCES = {  # name → (base_model, preset)
-    "SD1.5": (default_config_dir("sd15"), "style"),
-    "SDXL": (default_config_dir("sdxl"), "style"),
+    "SD1.5": (get_family("sd15").config_path, "style"),
+    "SDXL": (get_family("sdxl").config_path, "style"),
     "Llama 3.1 8B": (LLM_REFERENCE, "llm-chat"),
 }
 CARDS_GB = (24, 16, 12, 8)

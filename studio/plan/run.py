@@ -12,13 +12,13 @@ from studio.plan.fit import Fitted, card_memory
 from studio.plan.memory import plan_memory
 from studio.plan.report import MemoryPlan
 from studio.plan.speed import run_signature
-from studio.suggest import resolve_family
+from studio.families import resolve_family
 
 
 def report_plan(cfg: RunConfig, fitted: Fitted | None, events: EventSink) -> MemoryPlan | None:
     """Emit the fit's reasons and the memory plan (a `plan` event the CLI prints and the Train tab logs)."""
     hardware = detect()
-    family = fitted.family if fitted else resolve_family(cfg)
+    family = fitted.family if fitted else resolve_family(cfg).name
     try:
         plan = fitted.plan if fitted else plan_memory(cfg, family, card_memory(cfg, hardware))
     except (StudioError, OSError, ValueError) as exc:  # a model the planner cannot size still trains

@@ -82,7 +82,7 @@ class _AttentionAsFused(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v = args[:3]
+            q, k, v = (*args, *(kwargs[name] for name in ("query", "key", "value")[len(args):]))[:3]
             n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
             batch_heads = q.numel() // (n * d)
             self.flops += int(4 * batch_heads * n * m * d * (3.5 if q.requires_grad else 1))

@@ -13,19 +13,28 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from studio.models.pipelines import load_sd_pipeline
 from studio.errors import StudioError
+from studio.families import Family, all_families, family_of_pipeline_class
 from studio.hardware import inference_dtype, pick_device
+from studio.models.pipelines import load_pipeline
+from studio.tasks import IMAGE_TASK
 
 SWEEP_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def render(pipe: DiffusionPipeline, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int = 20,
-           width: int | None = None, height: int | None = None, guidance_scale: float = 7.0) -> Image.Image:
-    """One image, reproducible from `seed` (the generator lives on the CPU so every device draws the same noise)."""
+def render(pipe: DiffusionPipeline, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int | None = None,
+           width: int | None = None, height: int | None = None, guidance_scale: float | None = None) -> Image.Image:
+    """One image, reproducible from `seed` (the generator lives on the CPU so every device draws the same noise).
+    Steps and guidance left None take the family's defaults (e.g. Flux.1 schnell: 4 steps, no guidance)."""
+    family = family_of_pipeline_class(type(pipe).__name__)
+    settings = family.load_recipe().sampling(pipe)
+    if steps is not None:
+        settings["num_inference_steps"] = int(steps)
+    if guidance_scale is not None:
+        settings["guidance_scale"] = float(guidance_scale)
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    return pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=int(steps), width=width,
-                height=height, guidance_scale=guidance_scale, generator=generator).images[0]
+    return pipe(prompt, negative_prompt=negative_prompt or None, width=width, height=height, generator=generator,
+                **settings).images[0]
 
 
 def grid(images: list[Image.Image]) -> Image.Image:
@@ -48,7 +57,8 @@ class ImagePreviewer:
         self._adapters: dict[str, str] = {}  # adapter file path -> adapter name in the pipeline
 
     def generate(self, base_model: str, adapters: list[tuple[str, float]], prompt: str, negative_prompt: str = "",
-                 seed: int = 0, steps: int = 20, width: int | None = None, height: int | None = None) -> Image.Image:
+                 seed: int = 0, steps: int | None = None, width: int | None = None,
+                 height: int | None = None) -> Image.Image:
         with self._lock:
             pipe = self._pipeline(base_model)
             self._activate(pipe, adapters)
@@ -56,7 +66,7 @@ class ImagePreviewer:
                           height=height)
 
     def strength_sweep(self, base_model: str, adapter: str, prompt: str, negative_prompt: str = "", seed: int = 0,
-                       steps: int = 20, width: int | None = None, height: int | None = None,
+                       steps: int | None = None, width: int | None = None, height: int | None = None,
                        strengths: tuple[float, ...] = SWEEP_STRENGTHS) -> Image.Image:
         """The same seed at each strength, as one grid (left: strength 0 = the base model)."""
         return grid([self.generate(base_model, [(adapter, s)], prompt, negative_prompt, seed, steps, width, height)
@@ -64,7 +74,7 @@ class ImagePreviewer:
 
     def _pipeline(self, base_model: str) -> DiffusionPipeline:
         if self._base != base_model:
-            self._pipe, _ = load_sd_pipeline(base_model, torch_dtype=inference_dtype(self.device))
+            self._pipe, self._family = load_pipeline(base_model, torch_dtype=inference_dtype(self.device))
             self._pipe.to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
             self._base, self._adapters = base_model, {}
@@ -76,6 +86,7 @@ class ImagePreviewer:
             if key not in self._adapters:
                 if not Path(key).is_file():
                     raise StudioError(f"Adapter file {path} does not exist. Pick a finished run's .safetensors.")
+                _check_adapter_family(Path(key), self._family)
                 name = f"adapter_{len(self._adapters)}"
                 try:
                     pipe.load_lora_weights(key, adapter_name=name)
@@ -88,3 +99,20 @@ class ImagePreviewer:
         weights = {self._adapters[str(Path(p).resolve())]: float(w) for p, w in adapters}
         names = list(self._adapters.values())
         pipe.set_adapters(names, [weights.get(n, 0.0) for n in names])
+
+
+def _check_adapter_family(path: Path, base: Family) -> None:
+    """A LoRA made for another family fails loudly here, not as an unchanged image (diffusers skips unknown keys)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    def made_for(family: Family) -> bool:
+        return any(key.startswith(family.lora_markers) for key in keys)
+
+    if made_for(base):
+        return
+    other = next((f for f in all_families(IMAGE_TASK) if f.lora_markers and made_for(f)), None)
+    if other is not None:
+        raise StudioError(f"{path.name} is a LoRA for {other.label}, but the base model is {base.label}. Pick a "
+                          f"{other.label} base model, or an adapter trained on {base.label}.")

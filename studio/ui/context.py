@@ -82,7 +82,7 @@ class Studio:
         """Base models to offer: the demo's and those that workspace runs used (the user may type any other)."""
         choices: dict[str, str] = {}
         if self.demo:
-            demo = [self.demo.sd15, self.demo.sdxl] if image else [self.demo.llama]
+            demo = [self.demo.sd15, self.demo.sdxl, self.demo.flux] if image else [self.demo.llama]
             choices.update({str(p): p.name + DEMO_LABEL for p in demo})
         for run in self.runs():
             if run.is_image == image and run.base_model:

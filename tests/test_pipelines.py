@@ -1,0 +1,25 @@
+"""Image base-model loading errors: each says what was wrong and what to do."""
+
+import pytest
+
+from studio.models.pipelines import load_pipeline
+from studio.errors import StudioError
+
+
+def test_hub_id_offline_says_to_download(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StudioError) as err:
+        load_pipeline("someone/not-cached-model")
+    assert "hf download someone/not-cached-model" in str(err.value)
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path):
+    with pytest.raises(StudioError, match="not a diffusers model \\(no model_index.json\\)"):
+        load_pipeline(str(tmp_path))
+
+
+def test_unsupported_pipeline_class_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxFillPipeline"}')
+    with pytest.raises(StudioError, match="holds a FluxFillPipeline; LoRA Studio trains text-to-image SD1.5, SDXL "
+                                          "and Flux.1 models"):
+        load_pipeline(str(tmp_path))
