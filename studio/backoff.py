@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from studio.config import RunConfig
+from studio.families import resolve_family
 
 MICRO_BATCH = "micro_batch"
 CHECKPOINTING = "checkpointing"
@@ -81,10 +82,14 @@ def lower_length(cfg: RunConfig) -> Backoff | None:
 
 
 def quantize_weights(cfg: RunConfig) -> Backoff | None:
-    """LLMs: 4-bit NF4 base weights (QLoRA). Planning only: a loaded model is not re-quantized mid-run."""
-    if cfg.is_image or cfg.load_in_4bit:
-        return None
-    return Backoff(QUANTIZE, {"load_in_4bit": (False, True)})
+    """The next smaller base-weight format the family offers: fp8 storage (Flux.1), 4-bit NF4 (LLMs: QLoRA).
+    Planning only: a loaded model is not re-quantized mid-run."""
+    formats = resolve_family(cfg).quantized_base
+    if "fp8" in formats and not cfg.fp8_base:
+        return Backoff(QUANTIZE, {"fp8_base": (False, True)})
+    if "nf4" in formats and not cfg.load_in_4bit:
+        return Backoff(QUANTIZE, {"load_in_4bit": (False, True)})
+    return None
 
 
 def eight_bit_optimizer(cfg: RunConfig) -> Backoff | None:

@@ -166,3 +166,14 @@ def test_family_values_fill_the_presets(demo):
     assert fitted.cfg.resolution == get_family("flux1").native_resolution
     mine = fit_config({**base, "learning_rate": 3e-4}, detect(), check_paths=False)
     assert mine.cfg.learning_rate == 3e-4
+
+
+def test_fp8_base_trains_with_the_transformer_stored_in_fp8(demo, tmp_path):
+    data = solid_colours(tmp_path / "colours")
+    events = []
+    result = train(flux_config(demo.flux, data, tmp_path / "fp8", max_train_steps=3, fp8_base=True),
+                   EventSink([events.append]))
+    losses = [e.data["loss"] for e in events if e.kind == "progress"]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)  # finite, no NaN
+    exported = load_file(str(result.files[0]))
+    assert exported and all(t.dtype == torch.float32 for t in exported.values())  # LoRA weights stay fp32

@@ -154,3 +154,18 @@ def test_time_estimate_from_an_earlier_run_on_this_card(demo, tmp_path):
     assert text.startswith("Time: about") and "run first" in text
     bigger = run_signature(fit_config({**data, "resolution": 128}, CPU).cfg, "sd15", CPU.name)
     assert "no estimate yet" in estimate_text(later.cfg, tmp_path / "runs", bigger)  # another size: not comparable
+
+
+@pytest.mark.slow
+def test_flux_dev_tiers_fit_24_and_16_gb():
+    """Full-size Flux.1 dev from the shipped configs: fp8 storage and checkpointing fit 24 GB at 1024 px and 16 GB
+    a notch lower; 12 GB needs NF4 or block offloading, which the fit does not offer yet, and the plan says so."""
+    flux = str(get_family("flux1").config_path)
+    fitted = {gb: fit_config({"preset": "style", "base_model": flux, "train_data_dir": "x", "output_dir": "y",
+                              "vram_budget_gb": gb}, CPU, check_paths=False) for gb in (24, 16, 12)}
+    assert fitted[24].plan.fits and fitted[24].cfg.fp8_base and fitted[24].cfg.resolution == 1024
+    assert fitted[16].plan.fits and fitted[16].cfg.fp8_base and 512 <= fitted[16].cfg.resolution < 1024
+    assert not fitted[12].plan.fits and "does not fit the 12 GB card" in fitted[12].plan.summary()
+    rows = {row.name: row for row in fitted[24].plan.rows}
+    assert rows["text_encoder_2 weights"].gb == 0 and "off the card" in rows["text_encoder_2 weights"].note
+    assert 11.0 < rows["transformer weights"].gb < 11.2  # 11.9 B parameters at one byte each

@@ -77,6 +77,9 @@ class DiffusionEngine(Engine):
         pipe.to(self.device)
         pipe.vae.to(torch.float32)  # the SD VAEs overflow in fp16; it runs once per image anyway
         self.noise_scheduler = self.recipe.noise_scheduler(pipe)
+        if cfg.fp8_base:  # before LoRA is attached: only the frozen base layers are stored in fp8
+            self.denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                                   compute_dtype=self.autocast or self.weight_dtype)
         self._attach_lora()
         if cfg.init_lora:
             self._load_init_lora(Path(cfg.init_lora))

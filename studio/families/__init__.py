@@ -39,6 +39,7 @@ class Family:
     native_resolution: int | None = None  # images: the resolution it was trained at
     preset_values: Mapping[str, Any] = field(default_factory=dict)  # values the presets take on this family
     trains_text_encoder: bool = True  # images: whether train_text_encoder is supported
+    quantized_base: tuple[str, ...] = ()  # smaller base-weight formats the fit may choose: "fp8", "nf4"
     webui_version: str = ""  # ss_base_model_version in the exported header (what A1111 / Forge filter LoRAs by)
     network_module: str = "networks.lora"  # ss_network_module, as kohya sd-scripts writes it
     lora_markers: tuple[str, ...] = ()  # denoiser key prefixes of an adapter file made for this family
@@ -71,7 +72,7 @@ def register(family: Family) -> Family:
 
 
 def _families() -> dict[str, Family]:
-    if not _REGISTRY:
+    if len(_REGISTRY) < len(FAMILY_MODULES):  # a family module imported directly registers only itself
         for module in FAMILY_MODULES:
             importlib.import_module(f"studio.families.{module}")
     return _REGISTRY

@@ -150,9 +150,12 @@ register(Family(
     name="flux1", label="Flux.1", task=IMAGE_TASK, engine="studio.engines.diffusion:DiffusionEngine",
     recipe="studio.families.flux1:FluxRecipe", pipeline_classes=("FluxPipeline",), recognise=recognise,
     single_file_loader="studio.models.flux_single_file:load_flux_single_file", name_hints=("flux",),
-    config_dir="flux1-dev", native_resolution=1024, trains_text_encoder=False, webui_version="flux1",
+    config_dir="flux1-dev", native_resolution=1024, trains_text_encoder=False, quantized_base=("fp8",),
+    webui_version="flux1",
     network_module="networks.lora_flux",
     lora_markers=("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_",
                   "diffusion_model.double_blocks.", "double_blocks."),
-    preset_values={"learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 16},
+    # Flux captions are sentences for T5, not tag lists: unshuffled, every caption's embedding is cached and T5
+    # (9.5 GB) leaves the card before the first step.
+    preset_values={"learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 16, "shuffle_tags": False},
 ))

@@ -14,6 +14,7 @@ import torch
 
 from studio.config import RunConfig
 from studio.data.captions import list_images
+from studio.families import get_family
 from studio.hardware import HALF_DTYPES, storage_dtype
 from studio.plan import probes
 from studio.plan.probes import Built, Shape
@@ -32,7 +33,7 @@ def weight_dtype(cfg: RunConfig, on_gpu: bool) -> torch.dtype:
 
 
 def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bool = False) -> MemoryPlan:
-    """The memory plan of `cfg` (family 'sd15' / 'sdxl' / 'llm') on a card of `card_gb` (None: CPU)."""
+    """The memory plan of `cfg` (a registered family's name) on a card of `card_gb` (None: CPU)."""
     on_gpu = card_gb is not None
     dtype = weight_dtype(cfg, on_gpu)
     length = cfg.resolution if cfg.is_image else cfg.max_length
@@ -40,7 +41,7 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
                   cfg.train_text_encoder and cfg.is_image, dtype)
     found, trace = probes.build(shape), probes.trace(shape, length)
     size = torch.finfo(dtype).bits // 8
-    rows = _weight_rows(cfg, found, size)
+    rows = _weight_rows(cfg, family, found, size, on_gpu)
     lora = found.lora_params
     rows.append(PlanRow("LoRA weights + gradients", lora * 8 / GB, f"{count_text(lora)} parameters, fp32"))
     rows.append(PlanRow("optimizer state", lora * OPTIMIZER_BYTES[cfg.optimizer] / GB, cfg.optimizer))
@@ -60,7 +61,7 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
     return MemoryPlan(rows, card_gb, found.source.note, probes.flops(shape, length) if flops else None)
 
 
-def _weight_rows(cfg: RunConfig, found: Built, size: int) -> list[PlanRow]:
+def _weight_rows(cfg: RunConfig, family: str, found: Built, size: int, on_gpu: bool) -> list[PlanRow]:
     """Frozen weights at the dtype the engine stores them in."""
     dtype_name = {4: "fp32", 2: "bf16" if cfg.mixed_precision == "bf16" else "fp16"}[size]
     if not cfg.is_image:
@@ -75,11 +76,21 @@ def _weight_rows(cfg: RunConfig, found: Built, size: int) -> list[PlanRow]:
                     PlanRow("weights, embeddings + norms", (tables * size + (rest - tables) * 4) / GB,
                             f"{count_text(rest)} parameters, embeddings {dtype_name}, norms fp32")]
         return [PlanRow("weights", total * size / GB, f"{count_text(total)} parameters, {dtype_name}")]
+    recipe = get_family(family).load_recipe()
     rows = []
     for name, params in found.frozen.items():
-        vae = name == "vae"  # the engine keeps the VAE in fp32: SD VAEs overflow in fp16
-        rows.append(PlanRow(f"{name} weights", params * (4 if vae else size) / GB,
-                            f"{count_text(params)} parameters, {'fp32' if vae else dtype_name}"))
+        if name == recipe.denoiser and cfg.fp8_base:
+            rows.append(PlanRow(f"{name} weights", params / GB, f"{count_text(params)} parameters, fp8 (computed in "
+                                                                 f"{dtype_name})"))
+        elif name.startswith("text_encoder") and recipe.offload_encoders and on_gpu and not cfg.shuffle_tags:
+            # Flux's T5: on the card only while the captions are encoded, before the first step.
+            rows.append(PlanRow(f"{name} weights", 0.0, f"{count_text(params)} parameters, {dtype_name} "
+                                                        f"({params * size / GB:.1f} GB): off the card once the "
+                                                        "captions are cached"))
+        else:
+            vae = name == "vae"  # the engine keeps the VAE in fp32: SD VAEs overflow in fp16
+            rows.append(PlanRow(f"{name} weights", params * (4 if vae else size) / GB,
+                                f"{count_text(params)} parameters, {'fp32' if vae else dtype_name}"))
     return rows
 
 
