@@ -1,7 +1,7 @@
 """The fit for the reference models on the usual cards: README's VRAM table and the GPU bench's runs come from here.
 
-The reference models are the shipped configs (no weights): SD1.5 and SDXL (studio/models/configs) with the
-style preset, Llama 3.1 8B (studio/models/configs) with the llm-chat preset.
+The reference models are the shipped configs (no weights, studio/models/configs): each registered image family
+(SD1.5, SDXL, Flux.1 dev) with the style preset, Llama 3.1 8B with the llm-chat preset.
 
     python -m studio.plan.reference        # prints the markdown table README.md holds
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.families import get_family
+from studio.families import all_families
 from studio.hardware import Hardware
 from studio.plan.fit import Fitted, fit_config
 from studio.plan.models import LLM_REFERENCE
+from studio.tasks import IMAGE_TASK
 
 REFERENCES = {  # name → (base_model, preset)
-    "SD1.5": (get_family("sd15").config_path, "style"),
-    "SDXL": (get_family("sdxl").config_path, "style"),
+    **{family.label: (family.config_path, "style") for family in all_families(IMAGE_TASK)},
     "Llama 3.1 8B": (LLM_REFERENCE, "llm-chat"),
 }
 CARDS_GB = (24, 16, 12, 8)
@@ -41,7 +41,8 @@ def vram_table() -> str:
             fitted = fit_reference(name, card)
             c, plan = fitted.cfg, fitted.plan
             length = c.resolution if c.is_image else c.max_length
-            weights = "4-bit NF4" if c.load_in_4bit else c.mixed_precision
+            weights = ("4-bit NF4" if c.load_in_4bit else f"fp8 + {c.mixed_precision}" if c.fp8_base
+                       else c.mixed_precision)
             peak = f"{plan.peak_gb:.1f} GB" + ("" if plan.fits else f" ({plan.verdict})")
             lines.append(f"| {name} | {card} GB | {c.batch_size} × {c.gradient_accumulation_steps} | {length} | "
                          f"{'on' if c.gradient_checkpointing else 'off'} | {weights} | {c.optimizer} | {peak} |")
