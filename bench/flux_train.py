@@ -22,26 +22,13 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import FluxPipeline  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
+# The same trainer measurement and sizes as the SD1.5 bench: only the model differs.
+from bench.image_train import BATCH, RANK, STEPS, WARMUP, trainer_seconds_per_step  # noqa: E402
 from bench.results import update_results  # noqa: E402
-from studio.config import config_from_dict  # noqa: E402
 from studio.data.images import load_pixels  # noqa: E402
 from studio.demo import ensure_demo  # noqa: E402
 from studio.demo.datasets import build_demo_images  # noqa: E402
-from studio.events import EventSink  # noqa: E402
 from studio.families.flux1 import FluxRecipe  # noqa: E402
-from studio.loop import train  # noqa: E402
-
-STEPS, WARMUP, BATCH, RANK = 60, 10, 4, 8
-
-
-def trainer_seconds_per_step(model: Path, data: Path, out: Path) -> float:
-    times = []
-    cfg = config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
-                            "resolution": 64, "batch_size": BATCH, "lora_rank": RANK, "max_train_steps": STEPS,
-                            "save_steps": 0, "learning_rate": 1e-4, "enable_bucket": False, "max_grad_norm": 1.0})
-    train(cfg, EventSink([lambda e: e.kind == "progress" and times.append(time.perf_counter())]))
-    return (times[-1] - times[WARMUP - 1]) / (STEPS - WARMUP)
-
 
 def reference_seconds_per_step(model: Path, data: Path) -> float:
     """The loop a diffusers user would write from the Flux LoRA example, with the same caching the trainer does."""
