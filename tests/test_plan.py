@@ -80,14 +80,17 @@ def test_fit_sdxl_on_a_24gb_card_keeps_a_real_batch():
     assert all(fitted.reasons.values())
 
 
-@pytest.mark.slow  # plans three full-size families on five cards
+@pytest.mark.slow  # plans every full-size reference on five cards
 def test_fit_never_gives_less_for_more_memory():
     for name in REFERENCES:
         previous = None
         for card in (8, 12, 16, 24, 48):
-            c = fit_reference(name, card).cfg
+            fitted = fit_reference(name, card)
+            if not fitted.plan.fits:  # nothing fits: the preset's quality is kept and the plan says "too big"
+                continue
+            c = fitted.cfg
             now = (c.max_length if name.startswith("Llama") else c.resolution, c.batch_size,
-                   not c.gradient_checkpointing, not c.load_in_4bit)
+                   not c.gradient_checkpointing, not c.load_in_4bit, not c.fp8_base)
             if previous:
                 assert now >= previous, (name, card)
             previous = now
