@@ -9,7 +9,6 @@ Run: `.venv/bin/python bench/flux_train.py` (add --write to update bench/RESULTS
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
 import time
@@ -22,8 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import FluxPipeline  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
-# The same trainer measurement and sizes as the SD1.5 bench: only the model differs.
-from bench.image_train import BATCH, RANK, STEPS, WARMUP, trainer_seconds_per_step  # noqa: E402
+# The same trainer measurement, sizes and comparison as the SD1.5 bench: only the model differs.
+from bench.image_train import BATCH, RANK, STEPS, WARMUP, trainer_vs_reference  # noqa: E402
 from bench.results import update_results  # noqa: E402
 from studio.data.images import load_pixels  # noqa: E402
 from studio.demo import ensure_demo  # noqa: E402
@@ -79,17 +78,8 @@ def main() -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"Tiny Flux.1 (64 px, batch {BATCH}, rank {RANK}, attention targets) on {device}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads.", ""]
-    ours, refs = [], []
-    for i in range(4):  # interleaved, order alternating (ABBA): whichever runs first in a pair is slower
-        pair = [lambda: refs.append(reference_seconds_per_step(demo.flux, data)),
-                lambda: ours.append(trainer_seconds_per_step(demo.flux, data, tmp / f"run{i}"))]
-        for run in (pair if i % 2 == 0 else pair[::-1]):
-            run()
-    ref, mine = statistics.median(refs), statistics.median(ours)
-    lines += ["| loop | s/step (median of 4, order alternating) |", "|---|---|",
-              f"| hand-written diffusers+peft Flux loop | {ref * 1000:.1f} ms |",
-              f"| studio trainer | {mine * 1000:.1f} ms |", "",
-              f"**trainer / reference = {mine / ref:.3f}** (target <= 1.05)"]
+    lines += trainer_vs_reference(reference_seconds_per_step, demo.flux, data, tmp,
+                                  "hand-written diffusers+peft Flux loop")
     return "\n".join(lines)
 
 

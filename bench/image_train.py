@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -80,6 +81,21 @@ def reference_seconds_per_step(model: Path, data: Path) -> float:
     return (times[-1] - times[WARMUP - 1]) / (STEPS - WARMUP)
 
 
+def trainer_vs_reference(reference: Callable[[Path, Path], float], model: Path, data: Path, tmp: Path,
+                         reference_name: str) -> list[str]:
+    """The trainer's s/step against `reference`'s on the same model and data, as a markdown table and ratio."""
+    ours, refs = [], []
+    for i in range(4):  # interleaved, order alternating (ABBA): whichever runs first in a pair is slower
+        pair = [lambda: refs.append(reference(model, data)),
+                lambda: ours.append(trainer_seconds_per_step(model, data, tmp / f"run{i}"))]
+        for run in (pair if i % 2 == 0 else pair[::-1]):
+            run()
+    ref, mine = statistics.median(refs), statistics.median(ours)
+    return ["| loop | s/step (median of 4, order alternating) |", "|---|---|",
+            f"| {reference_name} | {ref * 1000:.1f} ms |", f"| studio trainer | {mine * 1000:.1f} ms |",
+            "", f"**trainer / reference = {mine / ref:.3f}** (target <= 1.05)"]
+
+
 def epoch_profile(model: Path, data: Path, out: Path, cache: bool) -> list[tuple[float, float]]:
     """(epoch seconds, share outside the UNet step) per epoch; 'outside' = building batches (DiffusionEngine.collate)."""
     outside = [0.0]
@@ -122,16 +138,8 @@ def main() -> str:
     lines = [f"Tiny SD1.5 (64 px, batch {BATCH}, rank {RANK}) on {torch.device('cuda' if torch.cuda.is_available() else 'cpu')}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads.", ""]
 
-    ours, refs = [], []
-    for i in range(4):  # interleaved, order alternating (ABBA): whichever runs first in a pair is slower
-        pair = [lambda: refs.append(reference_seconds_per_step(demo.sd15, data)),
-                lambda: ours.append(trainer_seconds_per_step(demo.sd15, data, tmp / f"run{i}"))]
-        for run in (pair if i % 2 == 0 else pair[::-1]):
-            run()
-    ref, mine = statistics.median(refs), statistics.median(ours)
-    lines += ["| loop | s/step (median of 4, order alternating) |", "|---|---|",
-              f"| hand-written diffusers+peft | {ref * 1000:.1f} ms |", f"| studio trainer | {mine * 1000:.1f} ms |",
-              "", f"**trainer / reference = {mine / ref:.3f}** (target <= 1.05)", ""]
+    lines += trainer_vs_reference(reference_seconds_per_step, demo.sd15, data, tmp, "hand-written diffusers+peft")
+    lines.append("")
 
     lines += ["| latent caching | epoch | epoch time | outside UNet step |", "|---|---|---|---|"]
     for cache in (False, True):
