@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from studio.config import RunConfig
-from studio.families import resolve_family
+from studio.families import BASE_FORMAT_KEYS, resolve_family
 
 MICRO_BATCH = "micro_batch"
 CHECKPOINTING = "checkpointing"
@@ -82,13 +82,17 @@ def lower_length(cfg: RunConfig) -> Backoff | None:
 
 
 def quantize_weights(cfg: RunConfig) -> Backoff | None:
-    """The next smaller base-weight format the family offers: fp8 storage (Flux.1), 4-bit NF4 (LLMs: QLoRA).
+    """The next smaller base-weight format the family offers: fp8 storage (Flux.1), then 4-bit NF4 (Flux.1; LLMs:
+    QLoRA).
     Planning only: a loaded model is not re-quantized mid-run."""
     formats = resolve_family(cfg).quantized_base
+    if cfg.load_in_4bit:
+        return None
     if "fp8" in formats and not cfg.fp8_base:
         return Backoff(QUANTIZE, {"fp8_base": (False, True)})
-    if "nf4" in formats and not cfg.load_in_4bit:
-        return Backoff(QUANTIZE, {"load_in_4bit": (False, True)})
+    if "nf4" in formats:  # from fp8 storage (Flux.1) or from 16-bit (LLMs)
+        return Backoff(QUANTIZE, {"load_in_4bit": (False, True), **({"fp8_base": (True, False)} if cfg.fp8_base
+                                                                     else {})})
     return None
 
 
@@ -125,12 +129,15 @@ def apply_backoff(cfg: RunConfig, backoff: Backoff) -> RunConfig:
 def exhausted_message(cfg: RunConfig, step: int) -> str:
     """What to change when even the smallest settings run out of memory."""
     floor = f"resolution {cfg.resolution}" if cfg.is_image else f"max_length {cfg.max_length}"
+    smaller = [f"{key}: true" for fmt in resolve_family(cfg).quantized_base
+               if not getattr(cfg, key := BASE_FORMAT_KEYS[fmt])]
+    store = f"set {' or '.join(smaller)}, " if smaller else ""
     if cfg.is_image:
-        advice = ("lower lora_rank, set train_text_encoder: false, use mixed_precision: fp16 or bf16 on a GPU, "
-                  "train an SD1.5 rather than an SDXL model, or use a GPU with more memory")
+        advice = (f"lower lora_rank, {store}set train_text_encoder: false, use mixed_precision: fp16 or bf16 on a "
+                  "GPU, train a smaller model family (SD1.5 rather than SDXL or Flux.1), or use a GPU with more memory")
     else:
-        advice = ("lower lora_rank, set load_in_4bit: true (QLoRA), use mixed_precision: bf16 on a GPU, train a "
-                  "smaller model, or use a GPU with more memory")
+        advice = (f"lower lora_rank, {store}use mixed_precision: bf16 on a GPU, train a smaller model, or use a GPU "
+                  "with more memory")
     return (f"Out of memory at step {step} even with micro-batch 1, gradient checkpointing on and {floor}. "
             f"To fit this card, {advice}.")
 

@@ -102,7 +102,8 @@ class RunConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
     torch_compile: bool = _f(False, "Compile the UNet / LLM with torch.compile: faster steps on GPUs after "
                              "a minute or more of compiling.")
-    load_in_4bit: bool = _f(False, "QLoRA: load the LLM in 4-bit NF4 (needs CUDA).")
+    load_in_4bit: bool = _f(False, "Store the frozen base in 4-bit NF4 and compute in 16-bit (bitsandbytes, needs "
+                            "CUDA): QLoRA for LLMs, and Flux.1 on 12-16 GB cards.")
     fp8_base: bool = _f(False, "Images (Flux.1): store the frozen denoiser in fp8 (e4m3) and compute in 16-bit "
                         "(diffusers' layerwise casting): half the memory of 16-bit weights, for 24 GB and smaller "
                         "cards.")

@@ -177,3 +177,40 @@ def test_fp8_base_trains_with_the_transformer_stored_in_fp8(demo, tmp_path):
     assert len(losses) == 3 and all(loss == loss for loss in losses)  # finite, no NaN
     exported = load_file(str(result.files[0]))
     assert exported and all(t.dtype == torch.float32 for t in exported.values())  # LoRA weights stay fp32
+
+
+def test_nf4_base_trains_a_lora_that_works_on_the_full_precision_base(demo, tmp_path, monkeypatch):
+    """load_in_4bit (the 12-16 GB tier): the transformer's linear layers are stored in NF4 on bitsandbytes' CPU
+    backend here (the product asks for CUDA), LoRA trains on top, and the export improves the unquantized base."""
+    import bitsandbytes as bnb
+
+    from studio.engines import make_engine
+    from studio.engines.diffusion import DiffusionEngine
+
+    monkeypatch.setattr(DiffusionEngine, "four_bit_needs_cuda", False)
+    data = solid_colours(tmp_path / "colours")
+    cfg = flux_config(demo.flux, data, tmp_path / "nf4", max_train_steps=60, batch_size=4, load_in_4bit=True)
+    engine = make_engine(cfg, torch.device("cpu"), None, EventSink())
+    engine.load()
+    plain = [name for name, m in engine.denoiser.named_modules() if type(m) is torch.nn.Linear]
+    assert plain and all(".lora_A." in name or ".lora_B." in name for name in plain)  # only LoRA's own A/B (fp32)
+    wrapped = [m.base_layer for m in engine.denoiser.modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(isinstance(layer, bnb.nn.Linear4bit) for layer in wrapped)
+    result = train(cfg)
+    pipe = FluxPipeline.from_pretrained(demo.flux)
+    before = flow_loss(pipe, data)
+    pipe.load_lora_weights(str(result.files[0]))
+    after = flow_loss(pipe, data)
+    assert after < 0.8 * before, (before, after)  # measured: 1.38 -> 1.01, as with the fp32 base
+
+
+def test_base_formats_are_checked(demo, tmp_path):
+    data = solid_colours(tmp_path / "colours")
+    with pytest.raises(StudioError, match="load_in_4bit needs a CUDA GPU"):
+        train(flux_config(demo.flux, data, tmp_path / "a", max_train_steps=1, load_in_4bit=True))
+    with pytest.raises(StudioError, match="set one of them to false"):
+        train(flux_config(demo.flux, data, tmp_path / "b", max_train_steps=1, load_in_4bit=True, fp8_base=True))
+    sd = config_from_dict({"preset": "demo-image", "base_model": str(demo.sd15), "train_data_dir": str(data),
+                           "output_dir": str(tmp_path / "c"), "max_train_steps": 1, "fp8_base": True})
+    with pytest.raises(StudioError, match="fp8_base is not available for SD1.5 models; set fp8_base: false"):
+        train(sd)

@@ -10,8 +10,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
-from studio.families.sd15 import UNetRecipe
+from studio.config import config_from_dict
 from studio.families import get_family
+from studio.families.sd15 import UNetRecipe
 from studio.hardware import Hardware
 from studio.plan import probes
 from studio.plan.fit import fit_config
@@ -160,15 +161,30 @@ def test_time_estimate_from_an_earlier_run_on_this_card(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_flux_dev_tiers_fit_24_and_16_gb():
-    """Full-size Flux.1 dev from the shipped configs: fp8 storage and checkpointing fit 24 GB at 1024 px and 16 GB
-    a notch lower; 12 GB needs NF4 or block offloading, which the fit does not offer yet, and the plan says so."""
+def test_flux_dev_tiers_fit_24_16_and_12_gb():
+    """Full-size Flux.1 dev from the shipped configs: fp8 storage and checkpointing fit 24 GB at 1024 px; below that
+    the fit stores the transformer in NF4."""
     flux = str(get_family("flux1").config_path)
     fitted = {gb: fit_config({"preset": "style", "base_model": flux, "train_data_dir": "x", "output_dir": "y",
                               "vram_budget_gb": gb}, CPU, check_paths=False) for gb in (24, 16, 12)}
     assert fitted[24].plan.fits and fitted[24].cfg.fp8_base and fitted[24].cfg.resolution == 1024
-    assert fitted[16].plan.fits and fitted[16].cfg.fp8_base and 512 <= fitted[16].cfg.resolution < 1024
-    assert not fitted[12].plan.fits and "does not fit the 12 GB card" in fitted[12].plan.summary()
+    for gb in (16, 12):
+        cfg = fitted[gb].cfg
+        assert fitted[gb].plan.fits and cfg.load_in_4bit and not cfg.fp8_base and cfg.resolution == 1024, gb
+        nf4 = {row.name: row for row in fitted[gb].plan.rows}["transformer weights"]
+        assert 5.5 < nf4.gb < 5.8 and "NF4" in nf4.note  # 11.9 B linear weights at ~0.5 bytes
     rows = {row.name: row for row in fitted[24].plan.rows}
     assert rows["text_encoder_2 weights"].gb == 0 and "off the card" in rows["text_encoder_2 weights"].note
     assert 11.0 < rows["transformer weights"].gb < 11.2  # 11.9 B parameters at one byte each
+
+
+def test_flux_base_formats_step_from_fp8_to_nf4():
+    from studio.backoff import apply_backoff, quantize_weights
+
+    cfg = config_from_dict({"preset": "style", "base_model": str(get_family("flux1").config_path),
+                            "train_data_dir": "x", "output_dir": "y"}, check_paths=False)
+    first = quantize_weights(cfg)
+    assert first.changes == {"fp8_base": (False, True)}
+    second = quantize_weights(apply_backoff(cfg, first))
+    assert second.changes == {"load_in_4bit": (False, True), "fp8_base": (True, False)}
+    assert quantize_weights(apply_backoff(apply_backoff(cfg, first), second)) is None

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from studio.config import RunConfig
+from studio.errors import StudioError
 from studio.events import EventSink
+from studio.families import BASE_FORMAT_KEYS, Family
 
 
 @dataclass
@@ -28,6 +30,10 @@ class Sample:
 
 
 class Engine(ABC):
+    # Asking for 4-bit weights without CUDA is a user error (bitsandbytes' CPU backend is far too slow for real
+    # models); tests switch this off to exercise the 4-bit paths on the CPU.
+    four_bit_needs_cuda = True
+
     def __init__(self, cfg: RunConfig, device: torch.device, autocast: torch.dtype | None, events: EventSink):
         self.cfg = cfg
         self.device = device
@@ -37,6 +43,22 @@ class Engine(ABC):
     @abstractmethod
     def load(self) -> None:
         """Validate the data, load the base model, attach LoRA (from `init_lora` if set), prepare caches."""
+
+    def check_base_format(self, family: Family) -> None:
+        """fp8_base / load_in_4bit: one at a time, offered by the family, and 4-bit only where bitsandbytes runs."""
+        cfg = self.cfg
+        if cfg.fp8_base and cfg.load_in_4bit:
+            raise StudioError("fp8_base and load_in_4bit both choose how the base weights are stored; set one of "
+                              "them to false (load_in_4bit is the smaller).")
+        offered = [BASE_FORMAT_KEYS[fmt] for fmt in family.quantized_base]
+        for key in BASE_FORMAT_KEYS.values():
+            if getattr(cfg, key) and key not in offered:
+                instead = f" (it offers {' and '.join(offered)})" if offered else ""
+                raise StudioError(f"{key} is not available for {family.label} models{instead}; set {key}: false.")
+        if cfg.load_in_4bit and self.four_bit_needs_cuda and self.device.type != "cuda":
+            raise StudioError("load_in_4bit needs a CUDA GPU: bitsandbytes' 4-bit kernels run there. Set "
+                              "load_in_4bit: false to train in 16/32-bit here (use a smaller model if memory is "
+                              "short), or train on a machine with an NVIDIA GPU.")
 
     @abstractmethod
     def num_samples(self) -> int:

@@ -35,6 +35,7 @@ from studio.engines.base import Engine, Sample
 from studio.errors import StudioError
 from studio.export.lora_file import save_lora_file
 from studio.hardware import storage_dtype, to_device
+from studio.models.nf4 import quantize_linears_nf4
 from studio.models.pipelines import load_pipeline
 from studio.preview.images import render
 
@@ -63,6 +64,7 @@ class DiffusionEngine(Engine):
         if cfg.model_family not in ("auto", self.family.name):
             raise StudioError(f"model_family is {cfg.model_family} but {cfg.base_model} is a {self.family.label} "
                               f"model ({self.family.name}). Set model_family: auto.")
+        self.check_base_format(self.family)
         self.recipe = self.family.load_recipe()
         problems = self.recipe.check(cfg)
         if problems:
@@ -74,6 +76,8 @@ class DiffusionEngine(Engine):
                               if getattr(pipe, name, None) is not None}
         for module in (self.denoiser, pipe.vae, *self.text_encoders.values()):
             module.requires_grad_(False)
+        if cfg.load_in_4bit:  # layer by layer onto the device: the card never holds the 16-bit denoiser
+            quantize_linears_nf4(self.denoiser, self.device, compute_dtype=self.autocast or self.weight_dtype)
         pipe.to(self.device)
         pipe.vae.to(torch.float32)  # the SD VAEs overflow in fp16; it runs once per image anyway
         self.noise_scheduler = self.recipe.noise_scheduler(pipe)

@@ -27,6 +27,7 @@ from studio.engines.base import Engine, Sample
 from studio.models.causal_lm import load_causal_lm, load_tokenizer, pad_token_id
 from studio.errors import StudioError
 from studio.export.peft_merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, save_adapter
+from studio.families import get_family
 from studio.hardware import storage_dtype, to_device
 from studio.preview.chat import generate_reply
 
@@ -36,17 +37,10 @@ CHECKPOINTING = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 class LLMEngine(Engine):
-    # Asking for 4-bit without CUDA is a user error (bitsandbytes' CPU backend is far too slow for real models);
-    # tests switch this off to exercise the QLoRA path on the CPU.
-    four_bit_needs_cuda = True
-
     # --- setup -------------------------------------------------------------------------------------------------------
     def load(self) -> None:
         cfg = self.cfg
-        if cfg.load_in_4bit and self.four_bit_needs_cuda and self.device.type != "cuda":
-            raise StudioError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels run there. Set "
-                              "load_in_4bit: false to train the model in 16/32-bit here (use a smaller model if "
-                              "memory is short), or train on a machine with an NVIDIA GPU.")
+        self.check_base_format(get_family("llm"))
         report = read_dataset(cfg.train_data_dir, cfg.data_format, cfg.system_prompt)
         report.raise_if_problems()  # before the model loads: a broken dataset fails in a second, not minutes
         self.tokenizer = load_tokenizer(cfg.base_model)

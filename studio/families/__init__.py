@@ -24,6 +24,10 @@ from studio.tasks import IMAGE_TASK, TEXT_TASK
 Shapes = Mapping[str, tuple]  # tensor name → shape, from a checkpoint's header
 
 
+# Smaller base-weight formats a family may offer, and the config key that turns each on.
+BASE_FORMAT_KEYS = {"fp8": "fp8_base", "nf4": "load_in_4bit"}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # the config's model_family value
@@ -39,7 +43,7 @@ class Family:
     native_resolution: int | None = None  # images: the resolution it was trained at
     preset_values: Mapping[str, Any] = field(default_factory=dict)  # values the presets take on this family
     trains_text_encoder: bool = True  # images: whether train_text_encoder is supported
-    quantized_base: tuple[str, ...] = ()  # smaller base-weight formats the fit may choose: "fp8", "nf4"
+    quantized_base: tuple[str, ...] = ()  # smaller base-weight formats the fit may choose (BASE_FORMAT_KEYS)
     webui_version: str = ""  # ss_base_model_version in the exported header (what A1111 / Forge filter LoRAs by)
     network_module: str = "networks.lora"  # ss_network_module, as kohya sd-scripts writes it
     lora_markers: tuple[str, ...] = ()  # denoiser key prefixes of an adapter file made for this family

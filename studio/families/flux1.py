@@ -150,7 +150,7 @@ register(Family(
     name="flux1", label="Flux.1", task=IMAGE_TASK, engine="studio.engines.diffusion:DiffusionEngine",
     recipe="studio.families.flux1:FluxRecipe", pipeline_classes=("FluxPipeline",), recognise=recognise,
     single_file_loader="studio.models.flux_single_file:load_flux_single_file", name_hints=("flux",),
-    config_dir="flux1-dev", native_resolution=1024, trains_text_encoder=False, quantized_base=("fp8",),
+    config_dir="flux1-dev", native_resolution=1024, trains_text_encoder=False, quantized_base=("fp8", "nf4"),
     webui_version="flux1",
     network_module="networks.lora_flux",
     lora_markers=("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_",

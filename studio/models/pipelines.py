@@ -29,10 +29,12 @@ def load_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False, torch_d
                                        components=components), family
     if path.is_dir():
         _check_local_folder(path)
+    source = str(path) if path.is_dir() else base_model
     try:
         # The safety checker is an image classifier for hosted demos; a training studio does not load it.
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else base_model, dtype=torch_dtype,
-                                                 safety_checker=None, requires_safety_checker=False)
+        has_checker = "safety_checker" in DiffusionPipeline.load_config(source)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, **(
+            {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}))
     except (OSError, ValueError, EnvironmentError) as exc:
         raise StudioError(
             f"Could not load the base model '{base_model}': {str(exc).splitlines()[0]}\n"

@@ -79,7 +79,12 @@ def _weight_rows(cfg: RunConfig, family: str, found: Built, size: int, on_gpu: b
     recipe = get_family(family).load_recipe()
     rows = []
     for name, params in found.frozen.items():
-        if name == recipe.denoiser and cfg.fp8_base:
+        if name == recipe.denoiser and cfg.load_in_4bit:
+            rest = params - found.quantizable
+            rows.append(PlanRow(f"{name} weights", (found.quantizable * NF4_BYTES + rest * size) / GB,
+                                f"{count_text(found.quantizable)} linear weights in NF4 (computed in {dtype_name}), "
+                                f"{count_text(rest)} others {dtype_name}"))
+        elif name == recipe.denoiser and cfg.fp8_base:
             rows.append(PlanRow(f"{name} weights", params / GB, f"{count_text(params)} parameters, fp8 (computed in "
                                                                  f"{dtype_name})"))
         elif name.startswith("text_encoder") and recipe.offload_encoders and on_gpu and not cfg.shuffle_tags:

@@ -34,7 +34,7 @@ class Built:
     source: ModelSource
     frozen: dict[str, int]  # component → parameter count
     lora_params: int
-    quantizable: int  # LLMs: parameters of the decoder's linear layers, the ones 4-bit loading quantizes
+    quantizable: int  # weights of the LLM decoder's / the image denoiser's linear layers: what 4-bit quantizes
     embeddings: int  # LLMs: parameters of the input and output embedding tables
     text_elements: int  # images: numbers in one caption's cached text embedding (tokens × width)
     model: torch.nn.Module
@@ -72,6 +72,7 @@ def _build_image(shape: Shape) -> Built:
     frozen = {name: param_count(module) for name, module in parts.items()}
     denoiser, vae = parts[recipe.denoiser], parts["vae"]
     encoders = [m for name, m in parts.items() if name.startswith("text_encoder")]
+    quantizable = _linear_weights(denoiser)
     lora = dict(r=shape.rank, lora_alpha=shape.rank, init_lora_weights="gaussian")
     denoiser.add_adapter(LoraConfig(target_modules=list(shape.targets or recipe.targets), **lora))
     trained = [denoiser]
@@ -101,7 +102,7 @@ def _build_image(shape: Shape) -> Built:
         for encoder in trained[1:]:
             _transformers_checkpointing(encoder, func)
 
-    return Built(source, frozen, lora_params, 0, 0, tokens * width, denoiser, run, checkpointing)
+    return Built(source, frozen, lora_params, quantizable, 0, tokens * width, denoiser, run, checkpointing)
 
 
 # --- causal LMs ------------------------------------------------------------------------------------------------------
@@ -117,8 +118,7 @@ def _build_llm(shape: Shape) -> Built:
     tables = {m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     by_storage = {m.weight.untyped_storage()._cdata: m.weight.numel() for m in tables}  # tied tables count once
     embeddings = sum(by_storage.values())
-    quantizable = sum(m.weight.numel() for m in model.modules()
-                      if isinstance(m, torch.nn.Linear) and m not in tables)
+    quantizable = _linear_weights(model) - sum(m.weight.numel() for m in tables if isinstance(m, torch.nn.Linear))
     targets = target_modules(model, list(shape.targets) if shape.targets else None)
     model = get_peft_model(model, LoraConfig(r=shape.rank, lora_alpha=shape.rank, target_modules=targets,
                                              task_type="CAUSAL_LM"))
@@ -139,6 +139,11 @@ def _transformers_checkpointing(model: torch.nn.Module, func: Callable) -> None:
     for module in model.modules():
         if hasattr(module, "gradient_checkpointing"):
             module._gradient_checkpointing_func = func
+
+
+def _linear_weights(model: torch.nn.Module) -> int:
+    """Weights of the linear layers: what 4-bit loading quantizes (an LLM's output table is left out by the caller)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _meta(*size: int, dtype: torch.dtype) -> torch.Tensor:
