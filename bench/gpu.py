@@ -24,12 +24,13 @@ On a CUDA machine with >= 24 GB (written for a lent H100/H200: 16 cores, no inte
    length tried; the pieces load it once. Lengths double from 1024 until one runs out of memory, then bisect to
    1/8. The plain loop runs first, so anything the first search left behind can only count against the studio.
 
-Run in parts to stay inside a 10-minute command (--only takes any of sd15, sdxl, llm, llm-ctx; all of them take
+Run in parts to stay inside a 10-minute command (--only takes any of sd15, sdxl, flux1, llm, llm-ctx; all of them take
 ~15 min and need --budget-s 1000). Estimated times on an H100, model building included:
     python bench/gpu.py --only sd15,sdxl --json $OUT/gpu-images.json     # ~4-5 min (12 cases, 7 runs)
+    python bench/gpu.py --only flux1 --json $OUT/gpu-flux.json           # builds and saves 12 B + 4.7 B random weights
     python bench/gpu.py --only llm --json $OUT/gpu-llm.json              # ~6 min (builds and saves the 8B model)
     python bench/gpu.py --only llm-ctx --json $OUT/gpu-ctx.json          # ~6 min (reuses it if --work still has it)
-    python bench/gpu.py --render gpu-images.json gpu-llm.json gpu-ctx.json --write   # anywhere: into RESULTS.md
+    python bench/gpu.py --render gpu-*.json --write    # anywhere: into RESULTS.md
 --json keeps every finished case (written after each one, merged with what the file already holds), --write
 updates the `## gpu` section of bench/RESULTS.md after each case, --budget-s (default 420) starts no case and no
 context length after that many seconds. --dry-run runs the same code on the CPU with the demo's tiny models
@@ -57,6 +58,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars would bury the results in the log
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpu_cases import IMAGE_PARTS  # noqa: E402
 from gpu_device import GB, Cuda, DryCpu  # noqa: E402
 from gpu_log import error_text, quiet_libraries, say  # noqa: E402
 from gpu_parts import run_image_part, run_llm_parts  # noqa: E402
@@ -65,7 +67,7 @@ from gpu_session import Session, dry_setup, full_setup  # noqa: E402
 from gpu_speed import DEFAULT_STEPS  # noqa: E402
 
 NO_CUDA = "bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to measure here."
-PARTS = ("sd15", "sdxl", "llm", "llm-ctx")
+PARTS = (*IMAGE_PARTS, "llm", "llm-ctx")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{session.meta['device']}: {cell(session.meta['total_gb'], '.1f', ' GiB')}, peak "
         f"{cell(session.meta['peak_flops'] and session.meta['peak_flops'] / 1e12, '.0f', ' TFLOP/s')}; parts "
         f"{', '.join(args.parts)}; {args.steps} steps; work {work} ({free_disk:.0f} GB free disk)")
-    parts = [(family, lambda family=family: run_image_part(session, family)) for family in ("sd15", "sdxl")
+    parts = [(family, lambda family=family: run_image_part(session, family)) for family in IMAGE_PARTS
              if family in args.parts]
     if "llm" in args.parts or "llm-ctx" in args.parts:
         parts.append(("llm", lambda: run_llm_parts(session, args.parts)))

@@ -9,13 +9,15 @@ from typing import Any, Callable
 
 from studio.plan.reference import CARDS_GB, fit_reference
 
-MODEL_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "llm": "Llama 3.1 8B"}  # studio.plan.reference.REFERENCES keys
+MODEL_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux1": "Flux.1", "llm": "Llama 3.1 8B"}  # studio.plan.reference.REFERENCES keys
+IMAGE_PARTS = tuple(family for family in MODEL_NAMES if family != "llm")
 # Cases beside the planner's own config on each card: (label, card GB, the user's keys). Keys a user sets are kept
 # by the fit, which fits the rest around them.
 VARIANTS = {
     "sd15": [("batch 8", 24, {"batch_size": 8}), ("fp16", 8, {"mixed_precision": "fp16"}),
              ("adamw8bit", 8, {"optimizer": "adamw8bit"})],
     "sdxl": [("fp16", 24, {"mixed_precision": "fp16"})],  # adamw8bit: the planner's own 8 GB config uses it
+    "flux1": [("fp8", 16, {"fp8_base": True})],  # the planner's 16 GB pick is NF4: fp8 at a lower resolution beside it
     "llm": [("QLoRA", 24, {"load_in_4bit": True}), ("adamw8bit", 16, {"optimizer": "adamw8bit"})],
 }
 CONTEXT_CARD_GB, CONTEXT_RANK = 24, 32  # the longest-context case: 8B QLoRA r=32 on a 24 GB card
@@ -24,7 +26,7 @@ CONTEXT_CARD_GB, CONTEXT_RANK = 24, 32  # the longest-context case: 8B QLoRA r=3
 @dataclass
 class Case:
     """One planned run: the planner's config for (model, card) with the user's `keys`."""
-    family: str  # sd15 / sdxl / llm
+    family: str  # a MODEL_NAMES key
     label: str  # "planner", or the variant's name
     card_gb: float
     keys: dict = field(default_factory=dict)
@@ -78,7 +80,8 @@ def _share_runs(cases: list[Case]) -> None:
 def describe_cfg(cfg, family: str) -> str:
     """'4×1, 512 px, bf16, adamw, ckpt off, r8': what the fit decided, in one cell."""
     length = f"{cfg.max_length} tok" if family == "llm" else f"{cfg.resolution} px"
-    precision = f"NF4+{cfg.mixed_precision}" if getattr(cfg, "load_in_4bit", False) else cfg.mixed_precision
+    storage = "NF4+" if cfg.load_in_4bit else "fp8+" if cfg.fp8_base else ""
+    precision = f"{storage}{cfg.mixed_precision}"
     return (f"{cfg.batch_size}×{cfg.gradient_accumulation_steps}, {length}, {precision}, {cfg.optimizer}, "
             f"ckpt {'on' if cfg.gradient_checkpointing else 'off'}, r{cfg.lora_rank}")
 

@@ -32,7 +32,7 @@ def build_image_model(config_dir: Path, out: Path, gpu: Cuda) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(config_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", ".demo-version"))
     index = json.loads((out / "model_index.json").read_text(encoding="utf-8"))
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
         library, cls_name = (index.get(name) or [None, None])[:2]
         if not cls_name:
             continue

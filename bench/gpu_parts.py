@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from gpu_cases import MODEL_NAMES, Case, case_row, plan_cases
+from gpu_cases import IMAGE_PARTS, MODEL_NAMES, Case, case_row, plan_cases
 from gpu_context import run_context
 from gpu_device import GB
 from gpu_log import error_text, say
@@ -81,5 +81,5 @@ def _record_build_failure(session: Session, cases: list[Case], exc: Exception) -
 def _make_room(work: Path, need_gb: float) -> None:
     """Remove the image models (rebuilt in a minute when needed) if the disk has less than `need_gb` free."""
     if shutil.disk_usage(work).free / GB < need_gb:
-        for family in ("sd15", "sdxl"):
+        for family in IMAGE_PARTS:
             shutil.rmtree(work / "models" / family, ignore_errors=True)

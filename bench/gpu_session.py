@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.results import update_results
+from gpu_cases import IMAGE_PARTS
 from gpu_device import Cuda
 from gpu_log import say
 from gpu_report import format_report, merge_results
@@ -33,13 +34,13 @@ class Setup:
 def full_setup() -> Setup:
     from studio.families import get_family
     from studio.plan.models import LLM_REFERENCE
-    return Setup({f: get_family(f).config_path for f in ("sd15", "sdxl")}, LLM_REFERENCE, None, None, 1024, 131072)
+    return Setup({f: get_family(f).config_path for f in IMAGE_PARTS}, LLM_REFERENCE, None, None, 1024, 131072)
 
 
 def dry_setup(work: Path) -> Setup:
     from studio.demo import ensure_demo
     demo = ensure_demo(work / "demo-workspace")
-    return Setup({"sd15": demo.sd15, "sdxl": demo.sdxl}, demo.llama, 64, 128, 128, 512)
+    return Setup({"sd15": demo.sd15, "sdxl": demo.sdxl, "flux1": demo.flux}, demo.llama, 64, 128, 128, 512)
 
 
 class Session:
