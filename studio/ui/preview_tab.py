@@ -52,7 +52,8 @@ def _image_section(studio: Studio) -> tuple[gr.Dropdown, list[AdapterSlot]]:
         negative = gr.Textbox(label="Negative prompt", scale=2)
     with gr.Row():
         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-        steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+        steps = gr.Slider(0, 100, value=0, step=1, label="Steps (0 = the model's default)",
+                          info="SD 20, Flux.1 dev 28, schnell 4")
         generate = gr.Button("Generate", variant="primary", elem_id="preview-generate")
         sweep = gr.Button("Strength sweep (LoRA 1 at 0 … 1)", elem_id="preview-sweep")
     status = gr.Markdown(elem_id="preview-status")
@@ -115,6 +116,11 @@ def base_of_run(studio: Studio, run: str | None, current: str | None):
         return gr.skip()
 
 
+def _steps(value) -> int | None:
+    """The slider's steps; 0 (or empty) leaves them to the model family's sampling defaults."""
+    return int(value or 0) or None
+
+
 @reports_errors(outputs=2)
 def generate_image(studio: Studio, base: str, lora1: str, strength1: float, lora2: str, strength2: float, lora3: str,
                    strength3: float, prompt: str, negative: str, seed, steps):
@@ -122,7 +128,7 @@ def generate_image(studio: Studio, base: str, lora1: str, strength1: float, lora
     adapters = [(str(_image_adapter(studio, run)), s) for run, s in mix]
     base = _base_model(studio, base, lora1 or (mix[0][0] if mix else None))
     image = studio.image_previewer.generate(base, adapters, prompt or "", negative or "", seed=int(seed or 0),
-                                            steps=int(steps))
+                                            steps=_steps(steps))
     mixed = ", ".join(f"{run} × {s:g}" for run, s in mix) or "no LoRA"
     return ok(f"{Path(base).name} with {mixed}, seed {int(seed or 0)}."), image
 
@@ -134,7 +140,7 @@ def strength_sweep(studio: Studio, base: str, run: str, prompt: str, negative: s
     adapter = str(_image_adapter(studio, run))
     base = _base_model(studio, base, run)
     image = studio.image_previewer.strength_sweep(base, adapter, prompt or "", negative or "", seed=int(seed or 0),
-                                                  steps=int(steps))
+                                                  steps=_steps(steps))
     return ok(f"{run} at strengths 0, 0.25, 0.5, 0.75, 1 (left to right), seed {int(seed or 0)}."), image
 
 
