@@ -8,6 +8,7 @@ place, so a kill during the write never leaves a half checkpoint behind. `state.
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio.errors import StudioError
+from studio.errors import StudioError, refuse_pickle
 from studio.fileio import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -70,7 +71,8 @@ def save_checkpoint(output_dir: str | Path, adapter: dict[str, torch.Tensor], tr
     final = checkpoints_dir(output_dir) / f"step-{position.step:06d}"
     with atomic_dir(final) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
-        torch.save({**training, "position": vars(position), "rng": capture_rng()}, tmp / "state.pt")
+        with open(tmp / "state.pt", "wb") as f:  # a Python file: a full disk then shows as OSError ENOSPC
+            torch.save({**training, "position": vars(position), "rng": capture_rng()}, f)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -92,5 +94,10 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, Position]:
     adapter = load_file(path / "adapter.safetensors")
-    training = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        training = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's restricted unpickler met something else than our state
+        raise refuse_pickle(f"resume_from: {path / 'state.pt'} holds more than the tensors and plain values Studio "
+                            "writes there (or it is damaged)",
+                            "Resume from another checkpoint, or delete this one if you did not make it.") from exc
     return adapter, training, Position(**training.pop("position"))

@@ -41,17 +41,19 @@ def tqdm_listener():
 
     def listen(event) -> None:
         nonlocal bar
+        # A failure is printed once, by exit_on_user_error (or as the traceback), not here as well.
+        message = "" if event.kind == "failed" else event.message
         if event.kind == "start":
             bar = tqdm(total=event.total, initial=event.step, unit="step", dynamic_ncols=True)
         if bar is None:
-            if event.message:
-                print(event.message, file=sys.stderr)
+            if message:
+                print(message, file=sys.stderr)
             return
         if event.kind == "progress":
             bar.update(event.step - bar.n)
             bar.set_postfix(loss=f"{event.data['loss']:.4f}", lr=f"{event.data['lr']:.2e}")
-        elif event.message:
-            bar.write(event.message)
+        elif message:
+            bar.write(message)
         if event.kind in ("done", "stopped", "failed"):
             bar.close()
 

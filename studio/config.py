@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from studio.errors import StudioError
 from studio.families import all_families, family_names, get_family
+from studio.fileio import write_text_atomic
 from studio.tasks import IMAGE_TASK, TEXT_TASK
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -78,6 +79,14 @@ class RunConfig:
     lora_rank: int = _f(8, "LoRA rank (dim).", min=1, max=1024)
     lora_alpha: Optional[float] = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: rank.", min=0.0)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0)
+    network_type: str = _f("lora", "Adapter type: lora; locon (LoRA on the conv layers too); loha, lokr (LyCORIS "
+                           "Hadamard / Kronecker products); dora (weight-decomposed LoRA). Images: exported in the "
+                           "LyCORIS layout A1111, Forge and ComfyUI load; LLMs: lora or dora.",
+                           choices=["lora", "locon", "loha", "lokr", "dora"])
+    conv_rank: Optional[int] = _f(None, "locon: rank of the conv layers; default: lora_rank.", min=1, max=1024)
+    conv_alpha: Optional[float] = _f(None, "locon: alpha of the conv layers; default: conv_rank.", min=0.0)
+    lokr_factor: int = _f(-1, "lokr: the Kronecker factor (-1: as balanced as each layer allows).", min=-1)
+    use_rslora: bool = _f(False, "Rank-stabilised scaling, alpha/sqrt(rank) instead of alpha/rank (peft).")
     target_modules: Optional[list[str]] = _f(None, "Module names to adapt; default per family. 'all-linear' for LLMs.")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s) (image task).")
     init_lora: Optional[str] = _f(None, "Existing LoRA to start from (incremental training).", path="any")
@@ -234,10 +243,7 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg), encoding="utf-8")
-    return path
+    return write_text_atomic(path, to_yaml(cfg))  # a full disk never leaves a truncated config.yaml
 
 
 # --- validation helpers --------------------------------------------------------------------------------------------
@@ -375,7 +381,14 @@ def overrides_from_pairs(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {pair!r} must look like key=value.")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        why = "it has no '='"
+        if sep:
+            try:
+                out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+                continue
+            except yaml.YAMLError as exc:  # its one-line `problem`, without the position dump
+                why = f"the value is not valid YAML ({getattr(exc, 'problem', None) or exc})"
+        raise ConfigError(f"--set {pair!r}: {why}. Write --set key=value, the value in YAML syntax, e.g. "
+                          "--set lora_rank=16 'sample_prompts=[a cat, a dog]' (quote a value with ': ' in it: "
+                          "'name=\"a: b\"').")
     return out

@@ -86,7 +86,7 @@ class JobRunner:
         try:
             train(cfg, EventSink([self._on_event]), self._stop, fitted=fitted)
         except Exception as exc:  # noqa: BLE001 - the loop reports its failures as a 'failed' event...
-            with self._lock:  # ...but not one raised before its events open (e.g. an unwritable output_dir)
+            with self._lock:  # ...this is the safety net for one that never got reported: never stay 'running'
                 if self._state.status not in FINAL_KINDS:
                     self._state.status, self._state.error = "failed", f"Training failed: {exc}"
 

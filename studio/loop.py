@@ -28,6 +28,8 @@ from studio.engines import make_engine
 from studio.engines.base import Engine
 from studio.errors import StudioError
 from studio.events import EventSink
+from studio.export.metadata import header_fields
+from studio.fileio import remove_orphans, write_errors
 from studio.hardware import autocast_dtype, configure_backends, pick_device
 from studio.plan.fit import Fitted
 from studio.plan.run import measure_peak, peak_memory, report_plan
@@ -54,10 +56,8 @@ def train(cfg: RunConfig, events: EventSink | None = None, stop: threading.Event
     events = events or EventSink()
     stop = stop or threading.Event()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    events.open_jsonl(out / "events.jsonl")
-    save_config(cfg, out / "config.yaml")  # `train.py --config output_dir/config.yaml` reproduces the run
     try:
+        _open_output_dir(cfg, out, events)  # inside: an unusable output_dir is a 'failed' event like the rest
         return _run(cfg, out, events, stop, fitted)
     except StudioError as exc:
         events.emit("failed", message=str(exc))
@@ -68,6 +68,19 @@ def train(cfg: RunConfig, events: EventSink | None = None, stop: threading.Event
         raise
     finally:
         events.close_jsonl()
+
+
+def _open_output_dir(cfg: RunConfig, out: Path, events: EventSink) -> None:
+    """Create output_dir, log the run's events there, save its config.yaml, and sweep the temporary files a killed
+    save left in it."""
+    with write_errors(out, "output_dir"):
+        out.mkdir(parents=True, exist_ok=True)
+        events.open_jsonl(out / "events.jsonl")
+        save_config(cfg, out / "config.yaml")  # `train.py --config output_dir/config.yaml` reproduces the run
+        removed = remove_orphans(out, checkpoints.checkpoints_dir(out))
+    if removed:
+        events.emit("log", message=f"Removed {len(removed)} unfinished file(s) an interrupted save left in {out}: "
+                    f"{', '.join(str(p.relative_to(out)) for p in removed)}")
 
 
 def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fitted: Fitted | None) -> RunResult:
@@ -285,11 +298,6 @@ def emit_samples(engine: Engine, cfg: RunConfig, out: Path, events: EventSink, s
 
 
 def export_metadata(cfg: RunConfig, engine: Engine, step: int, seconds: float) -> dict[str, str]:
-    """Facts about the run for the adapter file's header (kohya's `ss_` names where they exist)."""
-    return {
-        "ss_base_model": Path(cfg.base_model).name, "ss_network_dim": str(cfg.lora_rank),
-        "ss_network_alpha": str(cfg.effective_alpha), "ss_resolution": str(cfg.resolution),
-        "ss_steps": str(step), "ss_num_train_images": str(engine.num_samples()),
-        "ss_training_time_s": f"{seconds:.1f}", "ss_learning_rate": str(cfg.learning_rate),
-        "ss_seed": str(cfg.seed), "studio_task": cfg.task_type, **engine.describe(),
-    }
+    """Facts about the run for the adapter file's header, as kohya writes them (studio/export/metadata.py)."""
+    return {**header_fields(cfg, engine.header_facts(), steps=step, samples=engine.num_samples(), seconds=seconds,
+                            finished=time.time()), **engine.describe()}

@@ -120,7 +120,7 @@ def test_export_is_kohya_format_with_true_alpha_and_metadata(trained):
     assert any(k.endswith("resnets_0_conv1.lora_down.weight") for k in keys)
     assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "16.0"
     assert meta["ss_steps"] == "60" and meta["ss_num_train_images"] == "4" and meta["ss_base_model_version"] == "sd_v1"
-    assert float(meta["ss_training_time_s"]) > 0 and meta["ss_resolution"] == "64"
+    assert float(meta["ss_training_time_s"]) > 0 and meta["ss_resolution"] == "(64, 64)"
 
 
 def test_export_loads_in_diffusers_and_strength_matters(demo, trained):
@@ -201,6 +201,23 @@ def test_sdxl_trains_and_exports(demo, tmp_path):
     base = render_np(pipe, steps=2)
     pipe.load_lora_weights(str(result.files[0]))
     assert abs(render_np(pipe, steps=2) - base).max() > 1e-5
+
+
+def test_diffusers_format_export_is_the_same_model_as_the_kohya_file(demo, tmp_path):
+    """export_peft_format: every layer (UNet and both SDXL text encoders) with its alpha, alpha ≠ rank."""
+    data = solid_colours(tmp_path / "colours")
+    result = train(image_config(demo.sdxl, data, tmp_path / "xl", max_train_steps=2, lora_rank=4, lora_alpha=2,
+                                train_text_encoder=True, export_peft_format=True))
+    renders = []
+    for file in result.files:
+        pipe = StableDiffusionXLPipeline.from_pretrained(demo.sdxl)
+        pipe.load_lora_weights(str(file))
+        layers = sum(1 for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) for m in part.modules()
+                     if getattr(m, "lora_A", None))
+        renders.append((layers, render_np(pipe, steps=2)))
+    (kohya_layers, kohya), (peft_layers, peft) = renders
+    assert kohya_layers == peft_layers > 0
+    assert abs(kohya - peft).max() < 1e-5
 
 
 def test_text_encoder_lora_exports_lora_te(demo, tmp_path):

@@ -46,7 +46,9 @@ def test_completed_job_and_failure(demo, tmp_path):
     state = runner.wait(60)
     assert state.status == "failed" and "holds no images" in state.error
     blocked = tmp_path / "file"
-    blocked.write_text("not a folder")  # output_dir cannot be created: fails before the run's events open
+    blocked.write_text("not a folder")  # output_dir cannot be created: reported as a 'failed' event all the same
     runner.start(demo_config(demo, blocked / "run"))
     state = runner.wait(timeout=120)
-    assert state.status == "failed" and "Training failed" in state.error
+    assert state.status == "failed" and state.error == (
+        f"cannot create the folder {blocked / 'run'}: a folder above {blocked / 'run'} is a file. Choose another "
+        "output_dir.")

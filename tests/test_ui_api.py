@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from PIL import Image
+from safetensors.torch import save_file
 
 from studio.ui.app import build_app, launch
 from studio.ui.dataset_tab import _safe_filename
@@ -154,6 +156,14 @@ def test_image_flow_train_preview_export(app, demo, tmp_path):
     status = client.predict("shapes-lora", str(lora_dir), False, api_name="/install_lora")
     assert status.startswith("✔") and (lora_dir / "shapes-lora.safetensors").read_bytes() == adapter.read_bytes()
     assert "already exists" in client.predict("shapes-lora", str(lora_dir), False, api_name="/install_lora")
+
+    status = client.predict("shapes-lora", "", api_name="/check_lora")  # the export self-test, on demand
+    assert status.startswith("✔ shapes-lora.safetensors: all ") and "keys load in A1111" in status, status
+    broken = tmp_path / "broken.safetensors"
+    save_file({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(4, 8)}, str(broken))
+    status = client.predict("shapes-lora", str(broken), api_name="/check_lora")
+    assert status.startswith("✖") and "no layer lora_unet_no_such_layer" in status, status
+    assert "not a .safetensors file" in client.predict("shapes-lora", str(tmp_path), api_name="/check_lora")
 
 
 def test_second_start_refused_and_cancel_keeps_checkpoint(app, demo):

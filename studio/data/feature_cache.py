@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from studio.errors import StudioError
 from studio.fileio import atomic_path
 
 CACHE_DIR = ".studio-cache"  # inside the dataset folder, like kohya's .npz files beside the images
@@ -80,6 +81,6 @@ class DiskCache:
             with atomic_path(self._path(key)) as tmp:
                 save_file({k: v.detach().cpu().contiguous() for k, v in features.items()}, str(tmp),
                           metadata={"key": key})
-        except OSError as exc:  # e.g. a read-only dataset folder: train on, without the disk cache
+        except (OSError, StudioError) as exc:  # a read-only dataset folder, a full disk: train on, uncached
             self.writable = False
             self.log(f"Cannot write the feature cache in {self.folder} ({exc}); continuing without it.")

@@ -18,6 +18,7 @@ import torch
 from studio.config import RunConfig
 from studio.errors import StudioError
 from studio.events import EventSink
+from studio.export.metadata import ImageFacts
 from studio.families import BASE_FORMAT_KEYS, Family
 
 
@@ -117,3 +118,7 @@ class Engine(ABC):
     def describe(self) -> dict[str, str]:
         """Facts for the export metadata and the log (family, base model...)."""
         return {}
+
+    def header_facts(self) -> ImageFacts | None:
+        """Image runs: the family, dataset and captions behind the header's dataset and ModelSpec fields."""
+        return None

@@ -22,11 +22,10 @@ from typing import Iterator
 
 import torch
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from studio.adapters import Scaling, adapter_config, network_header, network_problems
 from studio.config import RunConfig
 from studio.data.feature_cache import CACHE_DIR, VERSION, DiskCache, Features, file_digest, model_fingerprint
 from studio.data.images import (DatasetItem, augment_caption, bucket_batches, inspect_dataset, load_pixels,
@@ -34,6 +33,8 @@ from studio.data.images import (DatasetItem, augment_caption, bucket_batches, in
 from studio.engines.base import Engine, Sample
 from studio.errors import StudioError
 from studio.export.lora_file import save_lora_file
+from studio.export.metadata import ImageFacts
+from studio.export.selftest import check_lora
 from studio.hardware import storage_dtype, to_device
 from studio.models.nf4 import quantize_linears_nf4
 from studio.models.pipelines import load_pipeline
@@ -66,7 +67,7 @@ class DiffusionEngine(Engine):
                               f"model ({self.family.name}). Set model_family: auto.")
         self.check_base_format(self.family)
         self.recipe = self.family.load_recipe()
-        problems = self.recipe.check(cfg)
+        problems = network_problems(cfg, self.family.network_types, self.family.label) + self.recipe.check(cfg)
         if problems:
             raise StudioError("\n".join(problems))
         pipe = self.pipe
@@ -127,13 +128,11 @@ class DiffusionEngine(Engine):
 
     def _attach_lora(self) -> None:
         cfg = self.cfg
-        common = dict(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
-                      init_lora_weights="gaussian")
-        self.denoiser.add_adapter(LoraConfig(target_modules=self.targets, **common))
+        self.denoiser.add_adapter(adapter_config(cfg, self.targets, self.recipe.conv_targets))
         trained = [self.denoiser]
         if cfg.train_text_encoder:
             for encoder in self.text_encoders.values():
-                encoder.add_adapter(LoraConfig(target_modules=list(self.recipe.text_encoder_targets), **common))
+                encoder.add_adapter(adapter_config(cfg, list(self.recipe.text_encoder_targets)))
                 trained.append(encoder)
         cast_training_params(trained, dtype=torch.float32)
         self._trained = trained
@@ -341,13 +340,22 @@ class DiffusionEngine(Engine):
                 raise StudioError(f"Adapter weights do not fit {prefix}: unexpected {result.unexpected_keys[:3]}.")
 
     def export(self, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        main = save_lora_file(out_dir / f"{self.cfg.name}.safetensors",
-                              self.recipe.to_file(self.adapter_state(), self.cfg.effective_alpha), metadata)
+        tensors = self.recipe.to_file(self.adapter_state(), Scaling.of(self.cfg))
+        test = check_lora(tensors, self.pipe, self.family)
+        self.events.emit("selftest", message=f"Export self-test: {test.summary()}" if test.ok else
+                         f"WARNING: the exported LoRA would not load completely: {test.summary()}",
+                         ok=test.ok, problems=test.problems)
+        main = save_lora_file(out_dir / f"{self.cfg.name}.safetensors", tensors,
+                              {**metadata, "studio_selftest": test.summary()})
         files = [main]
         if self.cfg.export_peft_format:
-            layers = {f"{prefix}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-                      for prefix, module in self._lora_modules().items()}
-            type(self.pipe).save_lora_weights(out_dir / "diffusers", **layers)
+            # peft's own keys with each LoraConfig in the header: diffusers injects every layer as trained and reads
+            # alpha from the config (without it, alpha = rank and the strength is off).
+            parts = {}
+            for prefix, module in self._lora_modules().items():
+                parts[f"{prefix}_lora_layers"] = get_peft_model_state_dict(module)
+                parts[f"{prefix}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+            type(self.pipe).save_lora_weights(out_dir / "diffusers", **parts)
             files.append(out_dir / "diffusers" / "pytorch_lora_weights.safetensors")
         return files
 
@@ -366,12 +374,17 @@ class DiffusionEngine(Engine):
 
     def describe(self) -> dict[str, str]:
         return {"ss_base_model_version": self.family.webui_version, "ss_network_module": self.family.network_module,
-                "studio_model_family": self.family.name, "studio_target_modules": ",".join(self.targets)}
+                "studio_model_family": self.family.name, "studio_target_modules": ",".join(self.targets),
+                **network_header(self.cfg)}
+
+    def header_facts(self) -> ImageFacts:
+        return ImageFacts(self.family, self.noise_scheduler.config.get("prediction_type"),
+                          Path(self.cfg.train_data_dir).name, self._plain_captions)
 
     def _file_names(self, peft_state: dict[str, torch.Tensor]) -> dict[str, str]:
         """peft key → key in the exported file, found by running the real conversion on tensors tagged with their
-        index (alpha = rank: the tags pass through unscaled)."""
+        index (scale 1: the tags pass through unchanged)."""
         keys = list(peft_state)
         tagged = {k: torch.full((1, 1), float(i)) for i, k in enumerate(keys)}
-        converted = self.recipe.to_file(tagged, 1.0)
+        converted = self.recipe.to_file(tagged, Scaling(rank=1, alpha=1.0))
         return {keys[int(v.item())]: k for k, v in converted.items() if not k.endswith(".alpha")}

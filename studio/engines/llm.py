@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
+from studio.adapters import adapter_config, network_problems
 from studio.config import RunConfig
 from studio.data.text import (Example, Record, collate, ensure_chat_template, pack, raise_problems,
                               read_dataset, tokenize_records)
@@ -40,7 +41,11 @@ class LLMEngine(Engine):
     # --- setup -------------------------------------------------------------------------------------------------------
     def load(self) -> None:
         cfg = self.cfg
-        self.check_base_format(get_family("llm"))
+        family = get_family("llm")
+        self.check_base_format(family)
+        problems = network_problems(cfg, family.network_types, family.label)
+        if problems:
+            raise StudioError("\n".join(problems))
         report = read_dataset(cfg.train_data_dir, cfg.data_format, cfg.system_prompt)
         report.raise_if_problems()  # before the model loads: a broken dataset fails in a second, not minutes
         self.tokenizer = load_tokenizer(cfg.base_model)
@@ -89,8 +94,7 @@ class LLMEngine(Engine):
         if cfg.packing:
             self._attend_samples_apart(model)
         self.target_modules = target_modules(model, cfg.target_modules)
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+        lora = adapter_config(cfg, self.target_modules, task_type="CAUSAL_LM", init_lora_weights=True)
         try:
             model = get_peft_model(model, lora)  # LoRA weights stay fp32 whatever the base dtype (peft's default)
         except ValueError as exc:

@@ -46,7 +46,13 @@ class Family:
     quantized_base: tuple[str, ...] = ()  # smaller base-weight formats the fit may choose (BASE_FORMAT_KEYS)
     webui_version: str = ""  # ss_base_model_version in the exported header (what A1111 / Forge filter LoRAs by)
     network_module: str = "networks.lora"  # ss_network_module, as kohya sd-scripts writes it
+    # images: ModelSpec's id of the base architecture and implementation, as kohya's sai_model_spec writes them for
+    # LoRAs (Forge tells SD1 / SDXL / Flux files apart by them)
+    modelspec_architecture: str = ""
+    modelspec_implementation: str = ""
     lora_markers: tuple[str, ...] = ()  # denoiser key prefixes of an adapter file made for this family
+    network_types: tuple[str, ...] = ("lora",)  # the config's network_type values its engine and export support
+    lora_loaders: tuple[str, ...] = ("A1111", "Forge", "ComfyUI", "diffusers")  # images: what loads its LoRA files
 
     def load_recipe(self):
         return _attr(self.recipe)()

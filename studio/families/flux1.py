@@ -16,6 +16,8 @@ from studio.tasks import IMAGE_TASK
 if TYPE_CHECKING:
     import torch
 
+    from studio.adapters import Scaling
+
 TRAIN_GUIDANCE = 1.0  # dev's guidance input while training (kohya, ai-toolkit); inference uses ~3.5
 
 
@@ -26,6 +28,7 @@ class FluxRecipe:
     # q/k/v; add "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"... through target_modules.
     targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     text_encoder_targets = ()
+    conv_targets = ()
     offload_encoders = True  # T5-XXL is 9.5 GB in bf16: off the card once every caption is cached
 
     def check(self, cfg) -> list[str]:
@@ -102,17 +105,12 @@ class FluxRecipe:
         pred = FluxPipeline._unpack_latents(pred, height * scale, width * scale, scale)
         return F.mse_loss(pred.float(), (noise - latents).float())
 
-    def to_file(self, peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    def to_file(self, peft_state: dict[str, torch.Tensor], scaling: Scaling) -> dict[str, torch.Tensor]:
         """diffusers' `transformer.…lora_A/lora_B` keys — what FluxPipeline.load_lora_weights reads and ComfyUI's /
         Forge's Flux key maps resolve onto their fused layers — with alpha/rank folded into lora_B, so every loader
         applies the trained strength without an alpha key."""
-        out = {}
-        for key, value in peft_state.items():
-            if ".lora_B." in key:
-                rank = value.shape[1]
-                value = value * (alpha / rank)
-            out[key] = value.detach().contiguous().cpu()
-        return out
+        return {key: (value * scaling.factor() if ".lora_B." in key else value).detach().contiguous().cpu()
+                for key, value in peft_state.items()}
 
     # --- for the memory planner (studio/plan/probes.py): the transformer's inputs on the meta device ---------------
     def text_shape(self, transformer) -> tuple[int, int]:
@@ -151,8 +149,10 @@ register(Family(
     recipe="studio.families.flux1:FluxRecipe", pipeline_classes=("FluxPipeline",), recognise=recognise,
     single_file_loader="studio.models.flux_single_file:load_flux_single_file", name_hints=("flux",),
     config_dir="flux1-dev", native_resolution=1024, trains_text_encoder=False, quantized_base=("fp8", "nf4"),
-    webui_version="flux1",
+    webui_version="flux1", lora_loaders=("Forge", "ComfyUI", "diffusers"),
     network_module="networks.lora_flux",
+    # kohya names schnell "flux-1-schnell"; the family covers both and Forge knows Flux by the implementation
+    modelspec_architecture="flux-1-dev", modelspec_implementation="https://github.com/black-forest-labs/flux",
     lora_markers=("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_",
                   "diffusion_model.double_blocks.", "double_blocks."),
     # Flux captions are sentences for T5, not tag lists: unshuffled, every caption's embedding is cached and T5

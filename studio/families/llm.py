@@ -6,5 +6,5 @@ from studio.tasks import TEXT_TASK
 
 register(Family(
     name="llm", label="causal LLM", task=TEXT_TASK, engine="studio.engines.llm:LLMEngine",
-    config_dir="llama-3.1-8b", quantized_base=("nf4",),  # the planner's reference when a model's config.json cannot be read offline
+    config_dir="llama-3.1-8b", quantized_base=("nf4",), network_types=("lora", "dora"),  # the planner's reference when a model's config.json cannot be read offline
 ))

@@ -14,6 +14,9 @@ from studio.tasks import IMAGE_TASK
 if TYPE_CHECKING:
     import torch
 
+    from studio.adapters import Scaling
+
+LYCORIS_TYPES = ("lora", "locon", "loha", "lokr", "dora")  # what the kohya / LyCORIS export layout carries
 # Denoiser keys of a LoRA file made for a Stable Diffusion UNet (kohya names in diffusers or LDM layout, diffusers).
 UNET_LORA_MARKERS = ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_",
                      "lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_", "unet.")
@@ -25,6 +28,7 @@ class UNetRecipe:
     targets = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     kohya_renames = {"lora_te1_": "lora_te_"}  # one text encoder: A1111's name for it is lora_te_
+    conv_targets = ("conv1", "conv2", "conv_shortcut", "conv")  # resnets, down/upsamplers: LoCon's extra layers
     offload_encoders = False  # CLIP is small: it stays on the device
 
     def check(self, cfg) -> list[str]:
@@ -104,10 +108,10 @@ class UNetRecipe:
     def sampling(self, pipe) -> dict:
         return {"num_inference_steps": 20, "guidance_scale": 7.0}
 
-    def to_file(self, peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """The exported layout: kohya / A1111 keys with the true alpha (studio/export/kohya.py)."""
+    def to_file(self, peft_state: dict[str, torch.Tensor], scaling: Scaling) -> dict[str, torch.Tensor]:
+        """The exported layout: kohya / LyCORIS keys with the true alpha (studio/export/kohya.py)."""
         from studio.export.kohya import to_kohya
-        return to_kohya(peft_state, alpha, self.kohya_renames)
+        return to_kohya(peft_state, scaling, self.kohya_renames)
 
 
 def recognise(shapes: Shapes, name: str) -> bool:
@@ -119,5 +123,6 @@ register(Family(
     name="sd15", label="SD1.5", task=IMAGE_TASK, engine="studio.engines.diffusion:DiffusionEngine",
     recipe="studio.families.sd15:UNetRecipe", pipeline_classes=("StableDiffusionPipeline",), recognise=recognise,
     single_file_loader="studio.models.single_file:load_single_file", config_dir="sd15", native_resolution=512,
-    webui_version="sd_v1", lora_markers=UNET_LORA_MARKERS,
+    webui_version="sd_v1", lora_markers=UNET_LORA_MARKERS, network_types=LYCORIS_TYPES,
+    modelspec_architecture="stable-diffusion-v1", modelspec_implementation="diffusers",  # kohya's for SD1 LoRAs
 ))

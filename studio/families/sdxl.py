@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from studio.families import Family, Shapes, register
-from studio.families.sd15 import UNET_LORA_MARKERS, UNetRecipe
+from studio.families.sd15 import LYCORIS_TYPES, UNET_LORA_MARKERS, UNetRecipe
 from studio.tasks import IMAGE_TASK
 
 if TYPE_CHECKING:
@@ -55,4 +55,7 @@ register(Family(
     recipe="studio.families.sdxl:SDXLRecipe", pipeline_classes=("StableDiffusionXLPipeline",), recognise=recognise,
     single_file_loader="studio.models.single_file:load_single_file", name_hints=("xl", "pony", "illustrious"),
     config_dir="sdxl", native_resolution=1024, webui_version="sdxl_base_v1-0", lora_markers=UNET_LORA_MARKERS,
+    network_types=LYCORIS_TYPES,
+    modelspec_architecture="stable-diffusion-xl-v1-base",
+    modelspec_implementation="https://github.com/Stability-AI/generative-models",
 ))

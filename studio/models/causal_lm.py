@@ -5,6 +5,7 @@ Shared by the LLM engine (training), the peft merge (export) and the chat previe
 
 from __future__ import annotations
 
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +13,7 @@ from typing import Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from studio.errors import StudioError
+from studio.errors import StudioError, refuse_pickle
 
 
 def check_source(base_model: str) -> str:
@@ -44,6 +45,16 @@ def _loading(base_model: str) -> Iterator[None]:
     except ValueError as exc:  # transformers' "Unrecognized configuration class ..." for non-causal-LM models
         raise StudioError(f"transformers cannot load '{base_model}' as a causal language model: "
                           f"{str(exc).splitlines()[0]}") from None
+    except pickle.UnpicklingError as exc:  # torch's restricted unpickler refused a pytorch_model.bin
+        weights = Path(base_model) / "pytorch_model.bin"
+        raise refuse_pickle(
+            f"base_model {base_model}: its pytorch_model.bin weights hold more than tensors (or are damaged)",
+            "Better: use the model's .safetensors weights (most model pages offer them), or convert the file once "
+            "(this unpickles it, so only for a model you trust); transformers then reads model.safetensors:\n"
+            f"  python -c \"import torch, safetensors.torch as st; sd = torch.load(r'{weights}', map_location='cpu', "
+            "weights_only=False); st.save_file({k: v.clone().contiguous() for k, v in sd.items() if "
+            f"isinstance(v, torch.Tensor)}}, r'{weights.with_name('model.safetensors')}', "
+            "metadata={'format': 'pt'})\"") from exc
 
 
 def load_tokenizer(base_model: str):

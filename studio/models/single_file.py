@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from studio.errors import StudioError
+from studio.errors import StudioError, refuse_pickle
 from studio.families import Family, family_of_shapes, supported_text
 
 SAFE_SUFFIXES = (".safetensors",)
@@ -86,11 +86,9 @@ def _check_file(path: Path) -> None:
 
 
 def _refuse_pickle(path: Path) -> StudioError:
-    return StudioError(
-        f"base_model: {path.name} is a pickle checkpoint ({path.suffix}). Loading a pickle can run arbitrary code "
-        f"hidden in the file, so Studio refuses it by default.\n"
-        f"If you trust where it came from, set `allow_unsafe_pickle: true` in the run config. Better: "
-        f"{_convert_hint(path)}")
+    return refuse_pickle(f"base_model: {path.name} is a pickle checkpoint ({path.suffix})",
+                         f"If you trust where it came from, set `allow_unsafe_pickle: true` in the run config. "
+                         f"Better: {_convert_hint(path)}")
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:

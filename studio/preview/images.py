@@ -1,7 +1,8 @@
 """Image preview: base model + LoRA adapters at chosen strengths → images.
 
 `render` is shared by the training loop's sample images and by the studio's Preview tab; `ImagePreviewer` keeps
-one base pipeline loaded and swaps adapters with diffusers' `load_lora_weights` / `set_adapters`.
+one base pipeline loaded and mixes adapters: LoRAs through diffusers' `load_lora_weights` / `set_adapters`, LyCORIS
+files (LoHa, LoKr, DoRA, LoCon) through lycoris-lora's modules hooked onto the base layers, each at its strength.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ImagePreviewer:
         self._base: str | None = None
         self._pipe: DiffusionPipeline | None = None
         self._adapters: dict[str, str] = {}  # adapter file path -> adapter name in the pipeline
+        self._lycoris: dict[str, list] = {}  # LyCORIS file path -> its modules, hooked onto the pipeline's layers
 
     def generate(self, base_model: str, adapters: list[tuple[str, float]], prompt: str, negative_prompt: str = "",
                  seed: int = 0, steps: int | None = None, width: int | None = None,
@@ -77,28 +79,85 @@ class ImagePreviewer:
             self._pipe, self._family = load_pipeline(base_model, torch_dtype=inference_dtype(self.device))
             self._pipe.to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
-            self._base, self._adapters = base_model, {}
+            self._base, self._adapters, self._lycoris = base_model, {}, {}
         return self._pipe
 
     def _activate(self, pipe: DiffusionPipeline, adapters: list[tuple[str, float]]) -> None:
         for path, _ in adapters:
             key = str(Path(path).resolve())
-            if key not in self._adapters:
+            if key not in self._adapters and key not in self._lycoris:
                 if not Path(key).is_file():
                     raise StudioError(f"Adapter file {path} does not exist. Pick a finished run's .safetensors.")
                 _check_adapter_family(Path(key), self._family)
-                name = f"adapter_{len(self._adapters)}"
                 try:
-                    pipe.load_lora_weights(key, adapter_name=name)
+                    if _is_lycoris(Path(key)):
+                        self._lycoris[key] = _hook_lycoris(pipe, self._family, Path(key))
+                    else:
+                        name = f"adapter_{len(self._adapters)}"
+                        pipe.load_lora_weights(key, adapter_name=name)
+                        self._adapters[key] = name
                 except (ValueError, KeyError, RuntimeError) as exc:
                     raise StudioError(f"{Path(path).name} does not fit this base model ({exc}). Pick an adapter "
                                       "trained on the same model family.") from None
-                self._adapters[key] = name
-        if not self._adapters:
-            return
-        weights = {self._adapters[str(Path(p).resolve())]: float(w) for p, w in adapters}
-        names = list(self._adapters.values())
-        pipe.set_adapters(names, [weights.get(n, 0.0) for n in names])
+        strengths = {str(Path(p).resolve()): float(w) for p, w in adapters}
+        for key, modules in self._lycoris.items():
+            for module in modules:
+                module.strength = strengths.get(key, 0.0)
+        if self._adapters:
+            names = list(self._adapters.values())
+            pipe.set_adapters(names, [strengths.get(key, 0.0) for key in self._adapters])
+
+
+def _is_lycoris(path: Path) -> bool:
+    """A file diffusers cannot load as a LoRA: LyCORIS tensors, or the LyCORIS network module (LoCon) in its header."""
+    from safetensors import safe_open
+
+    from studio.export.kohya import LYCORIS_TENSORS
+
+    with safe_open(str(path), framework="pt") as f:
+        keys, header = list(f.keys()), f.metadata() or {}
+    return (header.get("ss_network_module") == "lycoris.kohya"
+            or any(key.endswith(tuple(f".{t}" for t in (*LYCORIS_TENSORS, "dora_scale"))) for key in keys))
+
+
+def _hook_lycoris(pipe: DiffusionPipeline, family: Family, path: Path) -> list:
+    """lycoris-lora's module for each layer the file adapts, hooked onto the pipeline's layer (found under the names
+    the export self-test resolves)."""
+    from lycoris.modules import get_module, make_module
+    from safetensors.torch import load_file
+
+    from studio.export.selftest import layer_names
+
+    weights, layers = load_file(str(path)), layer_names(pipe, family)
+    modules = []
+    for name in dict.fromkeys(key.split(".")[0] for key in weights):
+        if name not in layers:
+            raise KeyError(f"no layer {name}")
+        kind, params = get_module(weights, name)
+        module = make_module(kind, params, name, layers[name]) if kind else None
+        if module is None:
+            raise ValueError(f"{name} is not a LyCORIS module this version of lycoris-lora reads")
+        module.to(layers[name].weight.device, layers[name].weight.dtype)
+        module.apply_to()
+        _blend_by_strength(layers[name], module)
+        modules.append(module)
+    return modules
+
+
+def _blend_by_strength(layer: torch.nn.Module, module) -> None:
+    """Strength s moves the layer's weight from the base (0) to the adapted one (1), as A1111 and ComfyUI apply
+    LyCORIS files; that is also right for DoRA, whose own multiplier would rescale the base at 0. The layers are
+    linear in their weight, so blending the two outputs is the same."""
+    adapted, base = layer.forward, module.org_forward
+    module.multiplier, module.strength = 1.0, 0.0
+
+    def forward(x, *args, **kwargs):
+        if module.strength == 0:
+            return base(x, *args, **kwargs)
+        out = adapted(x, *args, **kwargs)
+        return out if module.strength == 1 else torch.lerp(base(x, *args, **kwargs), out, module.strength)
+
+    layer.forward = forward
 
 
 def _check_adapter_family(path: Path, base: Family) -> None:

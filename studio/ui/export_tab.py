@@ -11,7 +11,7 @@ import gradio as gr
 
 from studio.errors import StudioError
 from studio.export.install import folder_hint, install_lora, prompt_tag
-from studio.ui.common import choices_update, note, ok, reports_errors
+from studio.ui.common import choices_update, error, note, ok, reports_errors
 from studio.ui.context import RunInfo, Studio
 
 FILE_LIMIT = 60
@@ -33,6 +33,10 @@ def export_tab(studio: Studio) -> None:
                                           placeholder="~/stable-diffusion-webui/models/Lora or ~/ComfyUI/models/loras")
                     overwrite = gr.Checkbox(label="Replace a file of the same name")
                     install_button = gr.Button("Copy into the LoRA folder", elem_id="export-install")
+                    check_path = gr.Textbox(label="Check that a LoRA file loads completely on this run's base model",
+                                            placeholder="empty: this run's adapter; or the path of any "
+                                                        ".safetensors LoRA", elem_id="export-check-path")
+                    check_button = gr.Button("Run the self-test", elem_id="export-check")
                 merge_button = gr.Button("Merge the adapter into its base model", visible=False,
                                          elem_id="export-merge")
 
@@ -42,6 +46,7 @@ def export_tab(studio: Studio) -> None:
     tab.select(partial(refresh_runs, studio), run, run, api_visibility="private")
     install_button.click(partial(install, studio), [run, lora_dir, overwrite], status, api_name="install_lora")
     merge_button.click(partial(merge_into_base, studio), run, outputs, api_name="merge_adapter")
+    check_button.click(partial(self_test, studio), [run, check_path], status, api_name="check_lora")
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -71,6 +76,22 @@ def install(studio: Studio, name: str, lora_dir: str, overwrite: bool):
     target = install_lora(info.adapter, lora_dir, overwrite=bool(overwrite))
     hint = folder_hint(lora_dir)
     return ok(f"Copied to {target}. In a prompt: `{prompt_tag(target)}`" + (f"\n\n{note(hint)}" if hint else ""))
+
+
+@reports_errors(outputs=1)
+def self_test(studio: Studio, name: str, path: str):
+    """The export self-test of the run's adapter, or of any LoRA file, against the run's base model."""
+    from studio.export.selftest import check_against_base  # loads diffusers on first use
+
+    info = studio.run(name)
+    if not info.is_image:
+        raise StudioError(f"'{name}' is an LLM run; the self-test checks image LoRAs. Pick an image run.")
+    target = Path(path.strip()) if path and path.strip() else info.adapter
+    if target is None:
+        raise StudioError(f"'{name}' has no adapter yet ({info.status}); give the path of a LoRA file to check.")
+    test = check_against_base(target, info.base_model)
+    text = f"{target.name}: {test.summary()}"
+    return ok(text) if test.ok else error(text)
 
 
 @reports_errors(outputs=5)
