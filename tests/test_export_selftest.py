@@ -66,3 +66,15 @@ def test_flux_export_passes(demo, tmp_path):
     tensors = load_file(str(result.files[0]))
     tensors["transformer.not_a_block.lora_A.weight"] = torch.zeros(1, 1)
     assert not check_lora(tensors, FluxPipeline.from_pretrained(demo.flux), get_family("flux1")).ok
+
+
+@pytest.mark.parametrize("network_type", ["loha", "lokr"])
+def test_lycoris_factor_shapes_are_checked(demo, tmp_path, network_type):
+    result = train(image_config(demo.sd15, solid_colours(tmp_path / "data"), tmp_path / "run", max_train_steps=1,
+                                network_type=network_type))
+    tensors = load_file(str(result.files[0]))
+    pipe, family = StableDiffusionPipeline.from_pretrained(demo.sd15), get_family("sd15")
+    assert check_lora(tensors, pipe, family).ok
+    key = next(k for k in tensors if k.endswith((".hada_w1_a", ".lokr_w2")))
+    tensors[key] = torch.zeros(tensors[key].shape[0] * 2, *tensors[key].shape[1:])
+    assert "its factors build a" in check_lora(tensors, pipe, family).summary()

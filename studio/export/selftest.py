@@ -96,13 +96,15 @@ def check_lora(tensors: dict[str, torch.Tensor], pipe, family: Family) -> SelfTe
 def _shape_problems(name: str, parts: dict[str, torch.Tensor], layer: torch.nn.Module) -> list[str]:
     down = next((parts[s] for s in DOWN if s in parts), None)
     up = next((parts[s] for s in UP if s in parts), None)
-    if down is None and up is None:
-        return []  # a LyCORIS module: resolved, factors not checked
-    if down is None or up is None:
-        return [f"{name}: has only one of its two LoRA matrices"]
     weight = getattr(layer, "weight", None)
     if weight is None:
         return [f"{name}: the base layer has no weight to adapt"]
+    if down is None and up is None:
+        wanted = (weight.shape[0], weight[0].numel())
+        return [f"{name}: its factors build a {built[0]}×{built[1]} update, the layer's weight is "
+                f"{wanted[0]}×{wanted[1]}" for built in _lycoris_shapes(parts) if built != wanted]
+    if down is None or up is None:
+        return [f"{name}: has only one of its two LoRA matrices"]
     out_features, in_features = weight.shape[:2]
     problems = []
     if down.shape[1] != in_features:
@@ -112,6 +114,22 @@ def _shape_problems(name: str, parts: dict[str, torch.Tensor], layer: torch.nn.M
     if up.shape[1] != down.shape[0]:
         problems.append(f"{name}: ranks differ (down {down.shape[0]}, up {up.shape[1]})")
     return problems
+
+
+def _lycoris_shapes(parts: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """(outputs, inputs × kernel) of the update(s) a LoHa module's two products or a LoKr module's Kronecker product
+    build; none for Tucker factors and other LyCORIS kinds (not checked)."""
+    def product(a: str, b: str, full: str = "") -> tuple[int, int] | None:
+        if full in parts:
+            return parts[full].shape[0], parts[full][0].numel()
+        return (parts[a].shape[0], parts[b][0].numel()) if a in parts and b in parts else None
+
+    if any(t in parts for t in (".hada_t1", ".hada_t2", ".lokr_t2")):
+        return []
+    if ".hada_w1_a" in parts:  # the Hadamard product: both low-rank products have the layer's shape
+        return [s for s in (product(".hada_w1_a", ".hada_w1_b"), product(".hada_w2_a", ".hada_w2_b")) if s]
+    w1, w2 = product(".lokr_w1_a", ".lokr_w1_b", ".lokr_w1"), product(".lokr_w2_a", ".lokr_w2_b", ".lokr_w2")
+    return [(w1[0] * w2[0], w1[1] * w2[1])] if w1 and w2 else []
 
 
 def layer_names(pipe, family: Family) -> dict[str, torch.nn.Module]:
