@@ -340,7 +340,7 @@ def _check_consistency(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
     """A hub id is `name` or `org/name`; anything with a file suffix, ./, / or ~ is meant as a local path."""
     return (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
             or Path(value).suffix.lower() in {".safetensors", ".ckpt", ".pt", ".bin", ".pth"})
@@ -357,7 +357,7 @@ def _check_paths(cfg: RunConfig, base_dir: Path) -> list[str]:
         if kind == "resume" and value == "latest":
             continue
         path = (base_dir / Path(value).expanduser()).resolve()
-        if kind == "model" and not path.exists() and not _looks_local(value):
+        if kind == "model" and not path.exists() and not looks_local(value):
             continue  # a hub id: checked when the model loads
         if not path.exists():
             problems.append(f"'{name}' points to {path}, which does not exist. Check the path "

@@ -11,6 +11,14 @@ def test_hub_id_offline_says_to_download(monkeypatch):
     with pytest.raises(StudioError) as err:
         load_pipeline("someone/not-cached-model")
     assert "hf download someone/not-cached-model" in str(err.value)
+    assert "local_files_only" not in str(err.value) and "stacktrace" not in str(err.value)
+
+
+def test_missing_local_path_is_not_called_a_hub_id(tmp_path):
+    with pytest.raises(StudioError) as err:
+        load_pipeline(str(tmp_path / "no-such-model"))
+    assert str(err.value) == (f"The base model {tmp_path / 'no-such-model'} does not exist. Give a diffusers model "
+                              "folder or a .safetensors checkpoint file.")
 
 
 def test_folder_that_is_not_a_diffusers_model(tmp_path):

@@ -52,3 +52,11 @@ def test_strength_sweep_grid(demo, two_adapters):
 def test_missing_adapter_is_a_clear_error(demo):
     with pytest.raises(StudioError, match="does not exist"):
         ImagePreviewer().generate(str(demo.sd15), [("/nope.safetensors", 1.0)], "x", steps=1, width=64, height=64)
+
+
+def test_sd15_lora_on_sdxl_says_which_family_it_is_for(demo, two_adapters):
+    """SD1.5 and SDXL LoRAs share key names; the header tells them apart, before torch's size-mismatch list."""
+    with pytest.raises(StudioError) as err:
+        ImagePreviewer().generate(str(demo.sdxl), [(two_adapters[0], 1.0)], "x", steps=1, width=64, height=64)
+    assert str(err.value).startswith("lora1.safetensors is a LoRA for SD1.5, but the base model is SDXL.")
+    assert "size mismatch" not in str(err.value) and "\n" not in str(err.value)

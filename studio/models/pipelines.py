@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from studio.config import looks_local
 from studio.errors import StudioError
 from studio.families import Family, family_of_pipeline_class, supported_text
 from studio.tasks import IMAGE_TASK
@@ -35,12 +36,15 @@ def load_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False, torch_d
         has_checker = "safety_checker" in DiffusionPipeline.load_config(source)
         pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, **(
             {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}))
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError, EnvironmentError):
+        if looks_local(base_model):
+            raise StudioError(f"The base model {base_model} does not exist. Give a diffusers model folder or a "
+                              ".safetensors checkpoint file.") from None
         raise StudioError(
-            f"Could not load the base model '{base_model}': {str(exc).splitlines()[0]}\n"
-            "Give a local diffusers folder or a .safetensors checkpoint, or download the model first "
-            f"(`hf download {base_model} --local-dir models/{Path(base_model).name}`) on a machine "
-            "with internet access.") from None
+            f"Could not load the base model '{base_model}': it is not downloaded here, and the Hugging Face Hub "
+            "cannot be reached or has no such model. Download it on a machine with internet access "
+            f"(`hf download {base_model} --local-dir models/{Path(base_model).name}`) and set base_model to that "
+            "folder.") from None
     return pipe, _family_of(type(pipe).__name__, base_model)
 
 

@@ -96,9 +96,10 @@ class ImagePreviewer:
                         name = f"adapter_{len(self._adapters)}"
                         pipe.load_lora_weights(key, adapter_name=name)
                         self._adapters[key] = name
-                except (ValueError, KeyError, RuntimeError) as exc:
-                    raise StudioError(f"{Path(path).name} does not fit this base model ({exc}). Pick an adapter "
-                                      "trained on the same model family.") from None
+                except (ValueError, KeyError, RuntimeError) as exc:  # e.g. torch's many-line size mismatch list
+                    raise StudioError(f"{Path(path).name} does not fit this base model "
+                                      f"({str(exc).strip().splitlines()[0][:200]}). Pick an adapter trained on the "
+                                      "same model family.") from None
         strengths = {str(Path(p).resolve()): float(w) for p, w in adapters}
         for key, modules in self._lycoris.items():
             for module in modules:
@@ -165,13 +166,19 @@ def _check_adapter_family(path: Path, base: Family) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+        keys, header = list(f.keys()), f.metadata() or {}
     def made_for(family: Family) -> bool:
         return any(key.startswith(family.lora_markers) for key in keys)
 
-    if made_for(base):
+    # The header says which family when the keys cannot (SD1.5 and SDXL LoRAs share their key names).
+    version = header.get("studio_model_family") or header.get("ss_base_model_version")
+    named = next((f for f in all_families(IMAGE_TASK) if version in (f.name, f.webui_version)), None)
+    if named is not None and named != base:
+        other = named
+    elif made_for(base):
         return
-    other = next((f for f in all_families(IMAGE_TASK) if f.lora_markers and made_for(f)), None)
+    else:
+        other = next((f for f in all_families(IMAGE_TASK) if f.lora_markers and made_for(f)), None)
     if other is not None:
         raise StudioError(f"{path.name} is a LoRA for {other.label}, but the base model is {base.label}. Pick a "
                           f"{other.label} base model, or an adapter trained on {base.label}.")
