@@ -101,7 +101,7 @@ class JobRunner:
             elif event.kind == "plan":
                 s.planned_gb = event.data.get("planned_allocated_gb")
             elif event.kind == "sample":
-                s.samples.extend(event.data["samples"])
+                s.samples.extend({**sample, "step": event.step} for sample in event.data["samples"])
             if event.message:
                 self._log.append(f"[{event.kind}] {event.message}")
             if event.kind in FINAL_KINDS:

@@ -196,7 +196,7 @@ def test_llm_flow_chat_with_and_without_adapter(app, demo):
     assert client.predict(text, api_name="/start_training").startswith("✔")
     state = wait_for_job(client)
     assert state["status"] == "done", state
-    assert any(s.get("text") is not None for s in state["samples"])  # sample replies
+    assert any(s.get("text") is not None and s["step"] > 0 for s in state["samples"])  # sample replies, by step
 
     status, with_adapter, without, message = client.predict("", "chat-lora", 1.0, "What do bees make?", [], [],
                                                             api_name="/chat")

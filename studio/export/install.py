@@ -28,7 +28,8 @@ def install_lora(adapter: str | Path, lora_dir: str | Path, *, overwrite: bool =
                           "(stable-diffusion-webui/models/Lora) or ComfyUI (ComfyUI/models/loras).")
     target = folder / adapter.name
     if target.exists() and not overwrite:
-        raise StudioError(f"{target} already exists. Tick 'overwrite' to replace it, or rename the run.")
+        raise StudioError(f"{target} already exists. Tick 'Replace a file of the same name' to replace it, or rename "
+                          "the run.")
     with atomic_path(target) as tmp:
         shutil.copyfile(adapter, tmp)
     return target

@@ -75,7 +75,8 @@ def install(studio: Studio, name: str, lora_dir: str, overwrite: bool):
         raise StudioError(f"'{name}' has no image LoRA to install ({info.status}). Pick a finished image run.")
     target = install_lora(info.adapter, lora_dir, overwrite=bool(overwrite))
     hint = folder_hint(lora_dir)
-    return ok(f"Copied to {target}. In a prompt: `{prompt_tag(target)}`" + (f"\n\n{note(hint)}" if hint else ""))
+    copied = ok(f"Copied to {target}. In a prompt: `{prompt_tag(target)}`" + (f"\n\n{note(hint)}" if hint else ""))
+    return f"{copied}\n\n{_run_summary(studio, info)}"  # the run's summary stays on the page
 
 
 @reports_errors(outputs=1)
@@ -115,7 +116,8 @@ def _run_summary(studio: Studio, info: RunInfo) -> str:
     kind = "image LoRA" if info.is_image else "LLM adapter"
     lines = [f"**{info.name}** — {kind}, {info.status}; base model `{info.base_model}`"]
     if info.adapter is None:
-        lines.append(note("No adapter yet: the run has not finished."))
+        lines.append(note("No adapter yet: the run has not finished." if info.status in ("running", "unknown") else
+                          f"No adapter: the run {info.status} before it exported one."))
     elif info.is_image:
         lines.append(f"Adapter `{info.adapter.name}`: copy it into `stable-diffusion-webui/models/Lora` or "
                      f"`ComfyUI/models/loras` and prompt `{prompt_tag(info.adapter)}`; in diffusers, "

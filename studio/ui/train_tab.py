@@ -138,8 +138,8 @@ def _sample_replies(state: JobState) -> str:
     replies = [s for s in state.samples if s.get("text") is not None]
     if not replies:
         return ""
-    lines = [f"- **{html.escape(s.get('prompt', ''))}** → {html.escape(s['text']) or '*(an empty reply)*'}"
-             for s in replies[-8:]]
+    lines = [f"- step {s.get('step', '?')}, **{html.escape(s.get('prompt', ''))}** → "
+             f"{html.escape(s['text']) or '*(an empty reply)*'}" for s in replies[-8:]]
     return "**Sample replies** (newest last)\n" + "\n".join(lines)
 
 
