@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from studio.cli import configure_environment
 
@@ -31,9 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     from studio.ui.app import build_app, launch
     from studio.workspace import DEFAULT_ROOT
 
-    print("Preparing the workspace (the demo models are built the first time, a few seconds)...", file=sys.stderr)
-    app, studio = build_app(args.workspace or DEFAULT_ROOT, with_demo=not args.no_demo)
-    launch(app, studio, host=args.host, port=args.port, share=args.share, auth=auth)
+    from studio.hardware import detect
+
+    root = Path(args.workspace or DEFAULT_ROOT).resolve()
+    app, studio = build_app(root, with_demo=not args.no_demo)
+    # What a user needs and nothing else (gradio's own start-up lines are silenced unless a share link is asked for).
+    print(f"LoRA Studio: http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}\n"
+          f"Workspace:   {root}\nDevice:      {detect().summary()}", flush=True)
+    launch(app, studio, host=args.host, port=args.port, share=args.share, auth=auth, quiet=not args.share)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -10,9 +11,17 @@ from typing import Iterator
 from studio.errors import StudioError
 
 
+# Library warnings that ask nothing of a user: bitsandbytes' optional CPU kernel from a hub package we do not install,
+# and transformers' PIL fallback for image processors (torchvision stays off CPU installs on purpose).
+KNOWN_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+               "transformers.utils.import_utils": "requires torchvision (not installed)"}
+
+
 def configure_environment() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for logger, text in KNOWN_NOISE.items():
+        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
 
 
 @contextmanager

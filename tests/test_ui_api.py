@@ -223,14 +223,18 @@ def load_launcher():
 
 def test_launcher_binds_loopback_and_warns_without_auth(monkeypatch, tmp_path, capsys):
     import studio.ui.app as ui_app
+    from studio.hardware import detect
 
     calls = []
     monkeypatch.setattr(ui_app, "build_app", lambda root, with_demo: ("app", "studio"))
     monkeypatch.setattr(ui_app, "launch", lambda app, studio, **kw: calls.append(("launch", kw)))
     launcher = load_launcher()
     launcher.main(["--workspace", str(tmp_path), "--no-demo"])
-    assert calls[-1][1]["host"] == "127.0.0.1" and calls[-1][1]["auth"] is None
-    assert "warning" not in capsys.readouterr().err
+    assert calls[-1][1]["host"] == "127.0.0.1" and calls[-1][1]["auth"] is None and calls[-1][1]["quiet"]
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err and "demo models" not in printed.err + printed.out
+    assert printed.out.splitlines() == ["LoRA Studio: http://127.0.0.1:7860", f"Workspace:   {tmp_path.resolve()}",
+                                        f"Device:      {detect().summary()}"]
     launcher.main(["--workspace", str(tmp_path), "--no-demo", "--host", "0.0.0.0"])
     assert "Add --auth user:password" in capsys.readouterr().err
     launcher.main(["--workspace", str(tmp_path), "--no-demo", "--host", "0.0.0.0", "--auth", "me:secret"])
