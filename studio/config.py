@@ -163,6 +163,21 @@ def field_help(name: str) -> str:
     return text
 
 
+def field_type(name: str) -> tuple[Any, bool]:
+    """A key's value type (bool, int, float, str or list[str]) and whether it may be empty (None)."""
+    hint = _HINTS[name]
+    optional = type(None) in typing.get_args(hint)
+    return (next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint), optional
+
+
+def coerce_value(name: str, raw: Any) -> Any:
+    """One value for a key, as the key's type and checked against its rules; a ConfigError says why not."""
+    try:
+        return _coerce(name, raw)
+    except ValueError as exc:
+        raise ConfigError(f"Config error: {exc}") from None
+
+
 # --- loading -----------------------------------------------------------------------------------------------------
 
 def read_yaml(path: str | Path) -> dict:
@@ -256,10 +271,8 @@ def _format_problems(problems: list[str]) -> str:
 
 def _coerce(key: str, raw: Any) -> Any:
     """Turn a YAML value into the field's type, or raise ValueError naming key, value and what is allowed."""
-    hint = _HINTS[key]
+    base, optional = field_type(key)
     meta = FIELDS[key].metadata
-    optional = type(None) in typing.get_args(hint)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
     if raw is None or (optional and raw == ""):
         if optional:
             return None

@@ -1,20 +1,26 @@
 """Config tab: preset + detected hardware → the run's YAML (the very file `python train.py --config` reads), with the
-reason for each chosen value, a peak-memory estimate, validation, and save/load in workspace/configs."""
+reason for each chosen value, a peak-memory estimate, validation, and save/load in workspace/configs. A form holds the
+keys most runs touch; it and the YAML stay in sync both ways, and the YAML stays the source of truth."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import shlex
 from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
 import pandas as pd
+import yaml
 
-from studio.config import FIELDS, TEXT_TASK, field_help, load_preset, parse_yaml, preset_names
+from studio.config import (FIELDS, TEXT_TASK, coerce_value, field_help, field_type, load_preset, parse_yaml,
+                           preset_names)
 from studio.errors import StudioError
 from studio.plan.report import gb_text
 from studio.plan.speed import estimate_text, run_signature
 from studio.suggest import suggest_config, suggestion_yaml
-from studio.ui.common import choices_update, help_table, ok, reports_errors
+from studio.ui.common import choices_update, error, help_table, note, ok, reports_errors
 from studio.ui.context import Studio
 from studio.workspace import check_name
 
@@ -22,6 +28,14 @@ REASON_COLUMNS = ["key", "value", "why", "what it is"]
 BAR_CELLS = 30
 PRESET_LABELS = {"style": "Style (SD1.5/SDXL)", "character": "Character (SD1.5/SDXL)", "llm-chat": "LLM chat",
                  "demo-image": "Demo: tiny SD, shapes", "demo-llm": "Demo: tiny Llama, Q&A"}
+# The form: the keys most runs touch, a row each line. Every widget is made from the key's schema entry.
+FORM_ROWS = [["base_model", "train_data_dir", "trigger_word", "resolution"],
+             ["network_type", "lora_rank", "lora_alpha", "learning_rate"],
+             ["batch_size", "gradient_accumulation_steps", "max_train_steps", "epochs"],
+             ["mixed_precision", "gradient_checkpointing", "save_steps", "sample_prompts"]]
+FORM_KEYS = [key for row in FORM_ROWS for key in row]
+FORM_STEPS = {"learning_rate": 1e-5}  # the spinner's step where 1 makes no sense
+_KEY_LINE = re.compile(r"(?P<key>[A-Za-z_][\w-]*)\s*:(\s|$)")  # a top-level `key:` line
 
 
 @dataclass
@@ -54,6 +68,12 @@ def config_tab(studio: Studio) -> ConfigTab:
             run_name = gr.Textbox(label="Run name", info="Outputs go to workspace/runs/<run name>.", elem_id="run-name")
         fill = gr.Button("Fill from preset + hardware", variant="primary", elem_id="fill-config")
         status = gr.Markdown(elem_id="config-status")
+        with gr.Accordion("Common settings (each one is a line of the YAML below)", open=True):
+            form = {}
+            for row in FORM_ROWS:
+                with gr.Row():
+                    form.update({key: form_widget(key) for key in row})
+        form_status = gr.Markdown(elem_id="config-form-status")
         with gr.Row():
             with gr.Column(scale=3):
                 yaml_box = gr.Code(language="yaml", label="Run config (YAML: edit freely, validated on save)",
@@ -65,6 +85,10 @@ def config_tab(studio: Studio) -> ConfigTab:
                 with gr.Row():
                     saved = gr.Dropdown(_saved_configs(studio), label="Saved configs", scale=2, allow_custom_value=True)
                     load = gr.Button("Load")
+                with gr.Row():
+                    copy = gr.Button("Copy command", elem_id="copy-command")
+                    command = gr.Textbox(label="Train the saved config from a terminal", buttons=["copy"],
+                                         interactive=False, scale=3, elem_id="config-command")
             with gr.Column(scale=2):
                 memory = gr.Markdown(elem_id="memory-estimate")
                 reasons = gr.Dataframe(headers=REASON_COLUMNS, label="What the fit chose, and why",
@@ -72,6 +96,7 @@ def config_tab(studio: Studio) -> ConfigTab:
                                        elem_id="config-reasons")
         with gr.Accordion("All config keys", open=False):
             gr.Markdown(help_table(list(FIELDS)))
+        gr.api(set_config_key, api_name="set_config_key")  # what a form edit does, for scripts: one key into the YAML
 
     preset.change(partial(preset_defaults, studio), [preset, dataset], [dataset, base_model, run_name],
                   api_visibility="private")
@@ -80,6 +105,15 @@ def config_tab(studio: Studio) -> ConfigTab:
     validate.click(partial(validate_config, studio), yaml_box, [status, memory], api_name="validate_config")
     save.click(partial(save_config, studio), [name, yaml_box], [status, saved], api_name="save_config")
     load.click(partial(load_config, studio), saved, [status, yaml_box, name], api_name="load_config")
+    copy.click(partial(copy_command, studio), [saved, yaml_box], [status, command], api_name="copy_command")
+    # YAML → form on every change (typing, Fill, Load, a form edit); form → YAML only on the user's own edits
+    # (input / blur / submit), so the form's own updates never loop back.
+    yaml_box.change(yaml_to_form, yaml_box, [form_status, *form.values()], api_name="config_form",
+                    show_progress="hidden")
+    for key, widget in form.items():
+        triggers = [widget.input] if isinstance(widget, (gr.Dropdown, gr.Checkbox)) else [widget.blur, widget.submit]
+        gr.on(triggers, partial(set_config_key, key), [widget, yaml_box], [form_status, yaml_box],
+              api_visibility="private", show_progress="hidden")
     return ConfigTab(dataset, yaml_box, hardware, preset, base_model, run_name)
 
 
@@ -140,6 +174,157 @@ def load_config(studio: Studio, name: str):
     if not path.is_file():
         raise StudioError(f"There is no saved config called '{name}'.")
     return ok(f"Loaded {path.relative_to(studio.workspace.root)}."), path.read_text(encoding="utf-8"), path.stem
+
+
+@reports_errors(outputs=2)
+def copy_command(studio: Studio, name: str | None, text: str):
+    """The command that trains the config saved by Save (the one picked under 'Saved configs')."""
+    path = studio.workspace.config_path(name) if name else None
+    if path is None or not path.is_file():
+        missing = f"There is no saved config called '{name}'" if name else "Nothing is saved yet"
+        return error(f"{missing}: give the config a name and press 'Save to workspace/configs' first, then copy "
+                     "its command."), ""
+    shown = path.relative_to(studio.workspace.root)
+    if path.read_text(encoding="utf-8").strip() != (text or "").strip():
+        message = note(f"The command trains {shown} as saved; the YAML in the editor differs from it. Save again "
+                       "to train your edits.")
+    else:
+        message = ok(f"The command trains {shown}. Copy it with the button and run it in the studio's folder.")
+    return message, f"python train.py --config {shlex.quote(str(path))}"
+
+
+# --- the form --------------------------------------------------------------------------------------------------------
+
+def form_widget(key: str):
+    """The key's widget, from its schema entry: its help as the info line, a dropdown of its choices, a checkbox for
+    true/false, a number within its min/max, a box with one line per item for lists, else a textbox."""
+    meta = FIELDS[key].metadata
+    base, _ = field_type(key)
+    common = dict(label=key, info=field_help(key), value=_form_value(_schema_default(key)),
+                  elem_id=f"config-form-{key}")
+    if "choices" in meta:
+        return gr.Dropdown(list(meta["choices"]), **common)
+    if base is bool:
+        return gr.Checkbox(**common)
+    if base in (int, float):
+        return gr.Number(minimum=meta.get("min"), maximum=meta.get("max"), precision=0 if base is int else None,
+                         step=FORM_STEPS.get(key, 1), **common)
+    if base is str:
+        return gr.Textbox(**common)
+    return gr.Textbox(lines=3, max_lines=12, placeholder="one a line", **common)
+
+
+@reports_errors(outputs=2)
+def set_config_key(key: str, value: str | int | float | bool | list[str] | None, text: str) -> tuple[str, str]:
+    """Set one config key in the YAML text: its line is rewritten in place (the other lines and comments are kept),
+    or added at the end. Returns (status, the new YAML); an error leaves the YAML as it is."""
+    if key not in FIELDS:
+        raise StudioError(f"'{key}' is not a config key. See 'All config keys' for the list.")
+    text = text or ""
+    try:
+        data = parse_yaml(text, "The config")
+    except StudioError as exc:
+        raise StudioError(f"{exc}\nFix the YAML first; the form changes nothing until it parses.") from None
+    typed = _typed_value(key, value)
+    try:  # a widget left as it was (a blur without an edit) leaves the YAML, comments and spelling as they are
+        if coerce_value(key, _effective_value(data, key, _preset_values(data)[0])) == typed:
+            return "", gr.skip()
+    except StudioError:
+        pass
+    new = set_yaml_key(text, key, typed)
+    return "", gr.skip() if new == text else new
+
+
+@reports_errors(outputs=1 + len(FORM_KEYS))
+def yaml_to_form(text: str):
+    """The form's values from the YAML: a key's value there, else its preset's, else the schema default. Keys the
+    YAML gives a wrong value keep their widget as it is and are listed in the status."""
+    try:
+        data = parse_yaml(text or "", "The config")
+    except StudioError as exc:
+        raise StudioError(f"{exc}\nThe form keeps its values until the YAML parses again.") from None
+    defaults, problems = _preset_values(data)
+    values = []
+    for key in FORM_KEYS:
+        try:
+            values.append(_form_value(coerce_value(key, _effective_value(data, key, defaults))))
+        except StudioError as exc:
+            problems.append(str(exc).removeprefix("Config error: "))
+            values.append(gr.skip())
+    if not problems:
+        return ("", *values)
+    listed = "\n".join(f"  - {p}" for p in problems)
+    return (error(f"The form cannot show every value of this YAML:\n{listed}"), *values)
+
+
+def set_yaml_key(text: str, key: str, value) -> str:
+    """`text` with `key: value`: the key's top-level line (and its block's indented / `- ` lines) replaced, or the
+    line appended. Where the layout defeats that (flow mappings, anchors...), the mapping is dumped afresh, one key a
+    line as Fill writes it (comments are lost then)."""
+    line = _yaml_line(key, value)
+    old = parse_yaml(text, "The config")
+    expected = {**old, key: parse_yaml(line)[key]}
+    lines = text.splitlines()
+    starts = [i for i, text_line in enumerate(lines) if (m := _KEY_LINE.match(text_line)) and m["key"] == key]
+    if starts:
+        start = end = starts[-1]  # YAML keeps the last of duplicate keys
+        for i in range(start + 1, len(lines)):
+            if lines[i][:1] in (" ", "\t", "-") and lines[i].strip() not in ("---", "..."):
+                end = i
+            elif lines[i].strip():
+                break
+        lines[start:end + 1] = [line]
+    else:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        lines.append(line)
+    new = "\n".join(lines) + "\n"
+    try:
+        if parse_yaml(new) == expected:
+            return new
+    except StudioError:
+        pass
+    return "".join(_yaml_line(k, v) + "\n" for k, v in expected.items())
+
+
+def _yaml_line(key: str, value) -> str:
+    """`key: value` as one flow-style line, as Fill writes it (null for an emptied optional key)."""
+    return yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip()[1:-1]
+
+
+def _typed_value(key: str, value):
+    """A form widget's value as the key's type (a list from one item a line), checked against the schema."""
+    base, optional = field_type(key)
+    if base not in (bool, int, float, str) and isinstance(value, str):
+        value = [item.strip() for item in value.splitlines() if item.strip()]
+    if optional and value in (None, "", []):
+        return None
+    return coerce_value(key, value)
+
+
+def _form_value(value):
+    """A typed config value as its widget shows it (lists one item a line)."""
+    if isinstance(value, list):
+        return "\n".join(value)
+    return value
+
+
+def _preset_values(data: dict) -> tuple[dict, list[str]]:
+    """The values of the preset the YAML names (none if it names none), and the problem if it names an unknown one."""
+    try:
+        return (load_preset(str(data["preset"])) if data.get("preset") else {}), []
+    except StudioError as exc:
+        return {}, [str(exc)]
+
+
+def _effective_value(data: dict, key: str, preset: dict):
+    """What a run gets for `key`: the YAML's value, else the preset's, else the schema default (not yet checked)."""
+    return data[key] if key in data else preset.get(key, _schema_default(key))
+
+
+def _schema_default(key: str):
+    f = FIELDS[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 # --- shared with the Train tab ----------------------------------------------------------------------------------------
