@@ -127,7 +127,7 @@ def test_header_table_reads_lycoris_and_stopped_runs(tmp_path):
     from studio.config import IMAGE_TASK
     from studio.events import Event
     from studio.ui.context import RunInfo
-    from studio.ui.export_tab import _header_table
+    from studio.ui.adapter_header import header_table
 
     adapter = tmp_path / "lokr.safetensors"
     save_file({"lora_unet_x.lokr_w1": np.zeros((2, 2), np.float32)}, str(adapter), metadata={
@@ -137,7 +137,7 @@ def test_header_table_reads_lycoris_and_stopped_runs(tmp_path):
         "ss_training_time_s": "125.4", "ss_dataset_dirs": json.dumps({"cats": {"n_repeats": 3, "img_count": 1}}),
         "studio_selftest": "2 problem(s) among 40 keys: ...", "ss_sd_model_name": "sdxl-base | v1"})
     (tmp_path / "events.jsonl").write_text(Event("stopped", 12, 100).to_json() + "\n", encoding="utf-8")
-    rows = table(_header_table(RunInfo("lokr", tmp_path, IMAGE_TASK, "/models/sdxl", adapter, "stopped")))
+    rows = table(header_table(RunInfo("lokr", tmp_path, IMAGE_TASK, "/models/sdxl", adapter, "stopped")))
     assert rows["Family"] == "SDXL (`sdxl`)" and rows["Network"] == "LoKr (factor 8)"
     assert rows["Rank"] == "16 (conv layers: 4)" and rows["Alpha"] == "8 (conv layers: 2)"
     assert rows["Steps"] == "12 of 100 (stopped early)" and rows["Training time"] == "2 min 5 s"
