@@ -1,7 +1,9 @@
 """The studio in a real browser: headless Debian Chromium driven by playwright (no browser download). Visits every
-tab, checks its main controls, runs the demo through it, and saves one screenshot per tab.
+tab, checks its main controls, runs the demo through it, and at 1400×1000 and 1024×768 saves a screenshot of each tab
+and checks that nothing spills out of its box or the window.
 
-Screenshots go to $STUDIO_SCREENSHOTS if set, else to the test's temporary folder (printed with -s)."""
+Screenshots go to $STUDIO_SCREENSHOTS if set, else to the test's temporary folder (printed with -s). With
+STUDIO_UPDATE_README_SHOTS=1 it also rewrites the README's screenshots in docs/screenshots/."""
 
 import os
 from pathlib import Path
@@ -11,6 +13,55 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+VIEWPORTS = [(1400, 1000), (1024, 768)]
+README_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+README_SHOT_LIMIT = 300_000  # bytes; a larger capture is reduced to a 256-colour palette
+
+# Every visible element of the page: its content must fit its box unless the box scrolls (overflow-x auto/scroll, as
+# tables and the code editor do) or ends in an ellipsis, and it must lie inside the window unless an ancestor clips
+# or scrolls it. Returns one line per problem.
+OVERFLOW_JS = """() => {
+  // Gradio's own chrome: an accordion's rotated arrow, the icon buttons at a block's corner, screen-reader-only text
+  const ALLOWED = "button.label-wrap, .icon-button-wrapper, .visually-hidden";
+  const SKIPPED = ["INPUT", "TEXTAREA", "SELECT", "OPTION", "IMG", "CANVAS", "VIDEO"];  // they scroll or scale inside
+  const width = document.documentElement.clientWidth;
+  const name = (el) => {
+    const parts = [];
+    for (let e = el; e && parts.length < 4 && !e.classList.contains("gradio-container"); e = e.parentElement) {
+      const classes = [...e.classList].filter((c) => !c.startsWith("svelte-")).slice(0, 2);
+      parts.unshift(e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + classes.map((c) => "." + c).join(""));
+      if (e.id) break;
+    }
+    return parts.join(" > ");
+  };
+  const problems = [];
+  if (document.documentElement.scrollWidth > width + 1) {
+    problems.push(`the page scrolls sideways: ${document.documentElement.scrollWidth}px in a ${width}px window`);
+  }
+  for (const el of document.querySelectorAll(".gradio-container *")) {
+    if (el instanceof SVGElement || SKIPPED.includes(el.tagName) || el.closest(ALLOWED)) continue;
+    if (!el.checkVisibility({ visibilityProperty: true, opacityProperty: true })) continue;
+    const box = el.getBoundingClientRect();
+    if (box.width < 1 || box.height < 1 || el.clientWidth <= 1 && el.clientHeight <= 1) continue;
+    const style = getComputedStyle(el);
+    const text = (el.innerText || "").trim().slice(0, 40).replace(/\\s+/g, " ");
+    const scrolls = ["auto", "scroll"].includes(style.overflowX);
+    if (el.clientWidth > 1 && el.scrollWidth > el.clientWidth + 1 && !scrolls && style.textOverflow !== "ellipsis") {
+      problems.push(`${name(el)} [${text}]: content ${el.scrollWidth}px wide in a ${el.clientWidth}px box ` +
+                    `(overflow-x: ${style.overflowX})`);
+    }
+    let clipped = false;
+    for (let e = el.parentElement; e && e !== document.body && !clipped; e = e.parentElement) {
+      clipped = getComputedStyle(e).overflowX !== "visible";
+    }
+    if (!clipped && style.position !== "fixed" && (box.right > width + 1 || box.left < -1)) {
+      problems.push(`${name(el)} [${text}]: spans x ${Math.round(box.left)}..${Math.round(box.right)} ` +
+                    `in a ${width}px window`);
+    }
+  }
+  return problems;
+}"""
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not Path(CHROMIUM).is_file(), reason=f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` "
@@ -61,6 +112,45 @@ def open_tab(page, name):
     page.get_by_role("tab", name=name, exact=True).click()
 
 
+def check_layout(page, shots, name, editor=None):
+    """Screenshot the page (as it shows the current tab) at each size in VIEWPORTS, and fail if anything overflows.
+    `editor`: a code editor to scroll into view first (CodeMirror measures wrapped lines only when on screen)."""
+    problems = []
+    for width, height in VIEWPORTS:
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(400)  # relayout
+        if editor:
+            page.locator(editor).scroll_into_view_if_needed()
+            page.wait_for_timeout(200)
+        page.screenshot(path=str(shots / f"{name}-{width}x{height}.png"), full_page=True)
+        problems += [f"{width}×{height}: {p}" for p in page.evaluate(OVERFLOW_JS)]
+    page.set_viewport_size({"width": VIEWPORTS[0][0], "height": VIEWPORTS[0][1]})
+    page.wait_for_timeout(200)
+    assert not problems, f"{name}: {len(problems)} element(s) overflow:\n" + "\n".join(problems[:20])
+
+
+def readme_shot(page, name, *selectors):
+    """With STUDIO_UPDATE_README_SHOTS=1: docs/screenshots/<name>.png, the part of the page that holds `selectors`
+    (at 1400×1000, the size the test runs at), kept under README_SHOT_LIMIT."""
+    if os.environ.get("STUDIO_UPDATE_README_SHOTS") != "1":
+        return
+    from PIL import Image
+
+    clip = page.evaluate("""(selectors) => {
+        const boxes = selectors.map((s) => document.querySelector(s).getBoundingClientRect());
+        const left = Math.min(...boxes.map((b) => b.left)), top = Math.min(...boxes.map((b) => b.top));
+        const right = Math.max(...boxes.map((b) => b.right)), bottom = Math.max(...boxes.map((b) => b.bottom));
+        return {x: left + window.scrollX - 8, y: top + window.scrollY - 8, width: right - left + 16,
+                height: bottom - top + 16};
+    }""", list(selectors))
+    README_SHOTS.mkdir(parents=True, exist_ok=True)
+    path = README_SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), clip=clip, full_page=True)
+    if path.stat().st_size > README_SHOT_LIMIT:
+        Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+    assert path.stat().st_size <= README_SHOT_LIMIT, f"{path} is {path.stat().st_size} bytes"
+
+
 def pick(page, elem_id, text):
     """Choose `text` in a gradio Dropdown by typing it and taking the matching option."""
     box = page.locator(f"#{elem_id} input")
@@ -70,15 +160,31 @@ def pick(page, elem_id, text):
 
 
 def test_every_tab(page, shots):
-    # --- Dataset: pick the demo dataset; thumbnails, captions and the validation report appear
+    # --- Dataset: the demo's image dataset is picked and shown on load: thumbnails, captions, the validation report
     open_tab(page, "Dataset")
-    for control in ("#dataset-picker", "#dataset-upload", "#caption-table", "#auto-label"):
-        assert page.locator(control).is_visible(), control
-    pick(page, "dataset-picker", "demo-shapes (demo)")
+    assert page.locator("#dataset-picker input").input_value() == "demo-shapes (demo)"
     page.locator("#dataset-gallery img").first.wait_for()
     assert page.locator("#dataset-gallery img").count() >= 8
     page.locator("#dataset-report").get_by_text("ready to train").wait_for()
-    page.screenshot(path=str(shots / "1-dataset.png"), full_page=True)
+    for control in ("#dataset-picker", "#dataset-upload", "#caption-table", "#save-captions", "#auto-label"):
+        assert page.locator(control).is_visible(), control
+    # the report sits right under the picker; the refresh button is a small one beside it
+    assert page.locator("#dataset-report").bounding_box()["y"] < page.locator("#dataset-upload").bounding_box()["y"]
+    refresh = page.locator("#dataset-picker").locator("xpath=ancestor::div[contains(@class, 'row')][1]//button")
+    box = refresh.first.bounding_box()
+    assert box["height"] < 45 and box["width"] < 130, box
+    # a text dataset: its samples and report; no image gallery, caption saving or auto-labelling
+    pick(page, "dataset-picker", "demo-chat (demo)")
+    page.locator("#dataset-report").get_by_text("text sample(s)").wait_for()
+    page.locator("#dataset-gallery").wait_for(state="hidden")
+    for control in ("#save-captions", "#auto-label"):
+        assert not page.locator(control).is_visible(), control
+    assert page.locator("#caption-table").is_visible()
+    pick(page, "dataset-picker", "demo-shapes (demo)")
+    page.locator("#dataset-gallery img").first.wait_for()
+    page.locator("#dataset-report").get_by_text("ready to train").wait_for()
+    assert page.locator("#save-captions").is_visible() and page.locator("#auto-label").is_visible()
+    check_layout(page, shots, "1-dataset")
 
     # --- Config: hardware, preset, fill → YAML with reasons and a memory estimate
     open_tab(page, "Config")
@@ -90,7 +196,17 @@ def test_every_tab(page, shots):
     page.locator("#memory-estimate").get_by_text("Memory plan").wait_for()
     run_name = page.locator("#run-name textarea, #run-name input").first.input_value()
     assert run_name.startswith("demo-image-")
-    page.screenshot(path=str(shots / "2-config.png"), full_page=True)
+    page.locator("#config-reasons").get_by_text("mixed_precision").first.wait_for()
+    check_layout(page, shots, "2-config", editor="#config-yaml")
+    # key names in "why these values" stay on one line; the YAML wraps instead of running off to the right
+    keys = page.locator("#config-reasons .body-cell[data-col='0'] span").evaluate_all(
+        "(spans) => spans.map((s) => [s.innerText, s.getClientRects().length, s.offsetHeight,"
+        " parseFloat(getComputedStyle(s).fontSize)])")
+    assert keys and all(rects == 1 and height < 2 * font for _, rects, height, font in keys), keys
+    scroller = page.locator("#config-yaml .cm-scroller").evaluate("(e) => [e.scrollWidth, e.clientWidth]")
+    assert scroller[0] <= scroller[1] + 1, scroller
+    page.locator("#config-yaml").scroll_into_view_if_needed()
+    readme_shot(page, "config", "#config-yaml", "#memory-estimate", "#config-reasons")
 
     # --- Train: start the demo run; progress, loss plot and samples update from the timer
     open_tab(page, "Train")
@@ -99,8 +215,24 @@ def test_every_tab(page, shots):
     assert "step 20/20" in page.locator("#train-progress").inner_text()
     page.locator("#train-samples img").first.wait_for()
     assert "[done]" in page.locator("#train-log textarea").input_value()
+    # the log follows its end: its last line is in view
+    page.wait_for_function("""() => { const log = document.querySelector('#train-log textarea');
+        return log.scrollHeight > log.clientHeight && log.scrollTop + log.clientHeight >= log.scrollHeight - 1; }""")
     page.wait_for_timeout(500)  # let the plot draw
-    page.screenshot(path=str(shots / "3-train.png"), full_page=True)
+    check_layout(page, shots, "3-train")
+    readme_shot(page, "train", "#train-status", "#train-progress", "#loss-plot", "#train-samples", "#train-log")
+    # a second start of the same run is refused; the next start clears that error before its own progress shows
+    page.locator("#start-training").click()
+    page.locator("#train-action").get_by_text("already holds a run").wait_for()
+    held = []
+    # hold the start request, so the page shows its pending state
+    page.route("**/queue/join**", lambda route: held.append(route))
+    page.locator("#start-training").click()
+    page.wait_for_timeout(300)
+    pending = page.locator("#train-action").inner_text()
+    page.unroute("**/queue/join**")  # (releases the held request)
+    assert held and "already holds a run" not in pending, pending
+    page.locator("#train-action").get_by_text("already holds a run").wait_for()
 
     # --- Preview: the new run is offered; generate with it
     open_tab(page, "Preview")
@@ -109,19 +241,24 @@ def test_every_tab(page, shots):
     page.locator("#preview-generate").click()
     page.locator("#preview-status").get_by_text(f"with {run_name}").wait_for(timeout=60_000)
     page.locator("#preview-image img").wait_for()
-    page.screenshot(path=str(shots / "4-preview-images.png"), full_page=True)
+    page.locator("#preview-sweep").click()  # the strength sweep: one seed at 0 … 1 in one grid
+    page.locator("#preview-status").get_by_text(f"{run_name} at strengths").wait_for(timeout=60_000)
+    page.locator("#preview-image img").wait_for()
+    check_layout(page, shots, "4-preview-images")
+    readme_shot(page, "preview", "#preview-base", "#preview-generate", "#preview-image")
     page.get_by_role("tab", name="Chat (LLM)").click()
     for control in ("#chat-adapter", "#chat-with", "#chat-without", "#chat-message", "#chat-send"):
         assert page.locator(control).is_visible(), control
-    page.screenshot(path=str(shots / "5-preview-chat.png"), full_page=True)
+    check_layout(page, shots, "5-preview-chat")
 
     # --- Export: the run's files, download and install controls
     open_tab(page, "Export")
     pick(page, "export-run", run_name)
     page.locator("#export-status").get_by_text(f"<lora:{run_name}:0.8>").wait_for()
-    page.screenshot(path=str(shots / "6-export.png"), full_page=True)
-    listing = page.locator("#export-files").inner_text()  # names show as stem + suffix
-    assert f"{run_name}\n.safetensors" in listing and "config\n.yaml" in listing
+    page.wait_for_function("""(names) => {  // the file list names them, however it lays the names out
+        const listing = document.querySelector('#export-files').innerText.replace(/\\s+/g, '');
+        return names.every((name) => listing.includes(name)); }""", arg=[f"{run_name}.safetensors", "config.yaml"])
+    check_layout(page, shots, "6-export")
     assert page.locator("#export-download").is_visible() and page.locator("#export-install").is_visible()
     assert not page.locator("#export-merge").is_visible()  # merging is for LLM adapters
 

@@ -25,6 +25,41 @@ CSS = """
 .studio-problems { white-space: pre-wrap; font-size: 0.9em; margin: 4px 0 0 0; }
 #studio-header h1 { margin-bottom: 0; }
 #preview-image img { min-height: 256px; max-width: 100%; object-fit: contain; image-rendering: pixelated; }
+
+/* Refresh buttons: compact, beside their picker, not a 160 px block stretched to the row's height. The Export tab's
+   has no class of its own: it is the small button in the row of its run picker. */
+.refresh, .row:has(#export-run) > button.sm {
+  flex: 0 0 auto !important; min-width: 0 !important; align-self: center; padding: 6px 10px; font-size: 14px; }
+
+/* Config: the YAML editor wraps long lines (the header comment names the hardware) instead of clipping them.
+   CodeMirror sees the white-space and measures wrapped lines as its own line wrapping does. */
+#config-yaml .cm-content { white-space: break-spaces !important; overflow-wrap: anywhere; flex-shrink: 1 !important; }
+
+/* Config: markdown tables break lines between words ('memory', not 'memo|ry'); prose tables otherwise use
+   overflow-wrap: anywhere, which lets a column shrink below its longest word. */
+#memory-estimate :is(th, td) { word-break: normal; overflow-wrap: break-word; }
+
+/* Config, "What the fit chose, and why": key names stay whole. Gradio sizes the columns from column_widths (22% for
+   the key: too narrow for gradient_accumulation_steps), inline, on three element sets that must agree — the header
+   cells, the hidden sizing row (td) and the body cells — so all three get the same widths here, and the table is at
+   least 36rem wide: in a narrower column it scrolls sideways rather than squeeze the other columns to a word a line.
+   Table cells ignore calc() mixing % and lengths, so the widths are in container units (cqw) of the table's
+   scrolling viewport. */
+#config-reasons .virtual-table-viewport { container-type: inline-size; }
+#config-reasons .virtual-table-viewport > * {
+  --tw: max(100cqw, 36rem); --kw: max(calc(var(--tw) * .22), 13.5rem); --rest: calc(var(--tw) - var(--kw)); }
+#config-reasons :is(.header-table, .virtual-body) { width: var(--tw) !important; }
+#config-reasons :is(th, td):nth-child(1), #config-reasons .body-cell[data-col="0"] { --w: var(--kw); }
+#config-reasons :is(th, td):nth-child(2), #config-reasons .body-cell[data-col="1"] { --w: calc(var(--rest) * .18); }
+#config-reasons :is(th, td):nth-child(3), #config-reasons .body-cell[data-col="2"] { --w: calc(var(--rest) * .44); }
+#config-reasons :is(th, td):nth-child(4), #config-reasons .body-cell[data-col="3"] { --w: calc(var(--rest) * .38); }
+#config-reasons :is(th, td, .body-cell) {
+  width: var(--w) !important; min-width: var(--w) !important; max-width: var(--w) !important;
+  flex: 0 0 var(--w) !important; }
+#config-reasons .body-cell[data-col="0"] span { white-space: nowrap; font-size: 12px; }
+/* ...and below 1200 px the column holding the plan and that table goes under the editor, at full width: in its
+   2/5 of the row (~380 px) the key names alone would fill the table. */
+@media (max-width: 1200px) { .row > .column:has(> #config-reasons) { min-width: 100% !important; } }
 """
 
 
@@ -51,6 +86,7 @@ def build_app(workspace_root: str | Path, *, with_demo: bool = True) -> tuple[gr
             export_tab(studio)
         # The dataset picked in the Dataset tab is the one the Config tab fills in.
         data.dataset.change(lambda value: value, data.dataset, config.dataset, api_visibility="private")
+        data.on_page_load(app, studio)
         config.on_page_load(app, studio)
     return app, studio
 

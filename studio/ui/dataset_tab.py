@@ -21,12 +21,20 @@ from studio.ui.context import Studio
 UPLOAD_SUFFIXES = sorted(IMAGE_SUFFIXES | set(TEXT_SUFFIXES) | {".csv"})
 GALLERY_LIMIT = 200
 CAPTION_COLUMNS = ["filename", "caption"]
+CAPTIONS_LABEL = "Captions (edit, then save)"
 LABEL_MODES = [("BLIP caption + CLIP tags", "caption+tags"), ("BLIP caption", "caption"), ("CLIP tags", "tags")]
 
 
 @dataclass
 class DatasetTab:
     dataset: gr.Dropdown  # value: the dataset folder relative to the workspace root
+    view: list  # what show_dataset fills: gallery, caption table, validation report
+    image_only: list  # what only an image dataset shows (image_controls): gallery, save, auto-label, table header
+
+    def on_page_load(self, app: gr.Blocks, studio: Studio) -> None:
+        """Show the preselected dataset when the page opens, not an empty tab under a picked dataset."""
+        app.load(partial(show_dataset, studio), self.dataset, self.view, api_visibility="private")
+        app.load(partial(image_controls, studio), self.dataset, self.image_only, api_visibility="private")
 
 
 def dataset_tab(studio: Studio) -> DatasetTab:
@@ -35,11 +43,14 @@ def dataset_tab(studio: Studio) -> DatasetTab:
         gr.Markdown("A dataset is a folder of images with captions (`metadata.csv` or a `.txt` beside each image), "
                     "or `.txt`/`.jsonl`/`.json` files for an LLM. The demo datasets are ready to use.")
         with gr.Row(equal_height=True):
-            dataset = gr.Dropdown(studio.dataset_choices(), label="Dataset", scale=3, allow_custom_value=True,
-                                  elem_id="dataset-picker")
-            refresh = gr.Button("↻ Refresh", size="sm", scale=0)
+            # The demo's image dataset first, as the Config tab's demo preset uses it; else gradio's first choice.
+            dataset = gr.Dropdown(studio.dataset_choices(), value=_first_dataset(studio), label="Dataset", scale=3,
+                                  allow_custom_value=True, elem_id="dataset-picker")
+            refresh = gr.Button("↻ Refresh", size="sm", scale=0, elem_classes="refresh")
             new_name = gr.Textbox(label="New dataset name", placeholder="my_style", scale=2)
             create = gr.Button("Create", scale=0)
+        # The validation report right under the picker: it is what one reads first after picking a dataset.
+        report = gr.Markdown(elem_id="dataset-report")
         status = gr.Markdown(elem_id="dataset-status")
         upload = gr.UploadButton("⬆ Upload images or text files", file_count="multiple",
                                  file_types=UPLOAD_SUFFIXES, elem_id="dataset-upload")
@@ -47,12 +58,12 @@ def dataset_tab(studio: Studio) -> DatasetTab:
             gallery = gr.Gallery(label="Images", columns=4, height=420, object_fit="contain", scale=3,
                                  elem_id="dataset-gallery")
             with gr.Column(scale=2):
-                table = gr.Dataframe(headers=CAPTION_COLUMNS, label="Captions (edit, then save)",
+                table = gr.Dataframe(headers=CAPTION_COLUMNS, label=CAPTIONS_LABEL,
                                      interactive=True, static_columns=[0], wrap=True, max_height=380,
                                      column_widths=["35%", "65%"],
                                      elem_id="caption-table")
-                save = gr.Button("Save captions to metadata.csv")
-        with gr.Accordion("Auto-label (BLIP captions / CLIP tags)", open=False, elem_id="auto-label"):
+                save = gr.Button("Save captions to metadata.csv", elem_id="save-captions")
+        with gr.Accordion("Auto-label (BLIP captions / CLIP tags)", open=False, elem_id="auto-label") as labelling:
             with gr.Row():
                 mode = gr.Dropdown(LABEL_MODES, value="caption+tags", label="What to write")
                 trigger = gr.Textbox(label="Trigger word (put first)", placeholder="sks_style")
@@ -63,17 +74,26 @@ def dataset_tab(studio: Studio) -> DatasetTab:
                 blip_model = gr.Dropdown(blip_choices, value=blip_choices[0][1], allow_custom_value=True,
                                          label="BLIP model (hub id or folder)")
             label_button = gr.Button("Auto-label", variant="primary", elem_id="auto-label-button")
-        report = gr.Markdown(elem_id="dataset-report")
 
     view = [gallery, table, report]
+    image_only = [gallery, save, labelling, table]
     dataset.change(partial(show_dataset, studio), dataset, view, api_name="show_dataset")
+    dataset.change(partial(image_controls, studio), dataset, image_only, api_visibility="private")
     refresh.click(partial(refresh_datasets, studio), dataset, dataset, api_name="list_datasets")
     create.click(partial(create_dataset, studio), new_name, [status, dataset], api_name="create_dataset")
-    upload.upload(partial(add_files, studio), [dataset, upload], [status, *view], api_name="upload_files")
+    upload.upload(partial(add_files, studio), [dataset, upload], [status, *view], api_name="upload_files").then(
+        partial(image_controls, studio), dataset, image_only, api_visibility="private")  # the upload decides the kind
     save.click(partial(save_captions, studio), [dataset, table], [status, *view], api_name="save_captions")
     label_button.click(partial(auto_label, studio), [dataset, mode, overwrite, trigger, clip_model, blip_model],
                        [status, *view], api_name="auto_label")
-    return DatasetTab(dataset)
+    return DatasetTab(dataset, view, image_only)
+
+
+def _first_dataset(studio: Studio) -> str | None:
+    if studio.demo:
+        return str(studio.demo.images.relative_to(studio.workspace.root))
+    choices = studio.dataset_choices()
+    return choices[0][1] if choices else None
 
 
 def _label_model_choices(studio: Studio) -> tuple[list, list]:
@@ -107,9 +127,19 @@ def show_dataset(studio: Studio, value: str | None):
         folder = studio.dataset_path(value)
     except StudioError as exc:
         return [], _captions_frame({}), error(exc)
-    if list_images(folder) or not list_text_files(folder):
-        return _image_view(folder)
-    return _text_view(folder)
+    return _text_view(folder) if _holds_text(folder) else _image_view(folder)
+
+
+def image_controls(studio: Studio, value: str | None):
+    """Gallery, 'Save captions' and Auto-label are for images: a text dataset hides them, and its table is a read-only
+    list of samples (a new, empty dataset shows the image controls)."""
+    try:
+        text = bool(value) and _holds_text(studio.dataset_path(value))
+    except StudioError:
+        text = False
+    table = gr.update(label="Samples (read-only)", interactive=False) if text else \
+        gr.update(label=CAPTIONS_LABEL, interactive=True)
+    return gr.update(visible=not text), gr.update(visible=not text), gr.update(visible=not text), table
 
 
 @reports_errors(outputs=4)
@@ -169,6 +199,11 @@ def auto_label(studio: Studio, value: str, mode: str, overwrite: bool, trigger: 
 
 
 # --- views -----------------------------------------------------------------------------------------------------------
+
+def _holds_text(folder: Path) -> bool:
+    """A text (LLM) dataset: text files and no images."""
+    return not list_images(folder) and bool(list_text_files(folder))
+
 
 def _image_view(folder: Path):
     from studio.data.images import inspect_dataset  # loads torch: only when a dataset is shown

@@ -18,6 +18,19 @@ from studio.ui.config_tab import parse_config
 from studio.ui.context import Studio
 
 POLL_SECONDS = 1.0
+# Keeps the log scrolled to its newest line, unless the reader scrolled up (then it waits until they are back at the
+# end). Gradio 6's own Textbox autoscroll does not follow value updates from the server.
+FOLLOW_LOG_JS = """() => setTimeout(() => {
+  const box = document.querySelector('#train-log textarea');
+  if (!box) return;  // the Train tab is not shown
+  if (!box.dataset.follow) {
+    box.dataset.follow = '1';
+    box.addEventListener('scroll', () => {
+      box.dataset.follow = box.scrollTop + box.clientHeight >= box.scrollHeight - 4 ? '1' : '0';
+    });
+  }
+  if (box.dataset.follow === '1') box.scrollTop = box.scrollHeight;
+}, 100)"""
 STATUS_TEXT = {"idle": "No training yet", "running": "Training", "stopping": "Stopping at the next step",
                "done": "Finished", "stopped": "Stopped", "failed": "Failed"}
 
@@ -54,9 +67,12 @@ def train_tab(studio: Studio, config_yaml: gr.Code) -> TrainTab:
         gr.api(training_status, api_name="training_status")
 
     view = [status, progress, losses, samples, replies, log, commands, seen]
-    start.click(partial(start_training, studio), config_yaml, action, api_name="start_training")
+    # The last start's message (often an error) is cleared first: it must not sit under the new start's progress.
+    start.click(None, None, action, js="() => ''").then(partial(start_training, studio), config_yaml, action,
+                                                           api_name="start_training")
     stop.click(partial(stop_training, studio), None, action, api_name="stop_training")
-    timer.tick(partial(poll, studio), seen, view, show_progress="hidden", api_visibility="private")
+    timer.tick(partial(poll, studio), seen, view, show_progress="hidden", api_visibility="private").then(
+        None, js=FOLLOW_LOG_JS)
     return TrainTab(status)
 
 
