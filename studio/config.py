@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from studio.errors import StudioError
-from studio.families import all_families, family_names, get_family
+from studio.families import AUTO, all_families, family_names, get_family
 from studio.fileio import write_text_atomic
 from studio.tasks import IMAGE_TASK, TEXT_TASK
 
@@ -41,8 +41,8 @@ class RunConfig:
     task_type: str = _f(IMAGE_TASK, "What the LoRA is for.", choices=[IMAGE_TASK, TEXT_TASK])
     base_model: str = _f("", "Diffusers/transformers folder, hub id, or single-file .safetensors checkpoint.",
                          path="model")
-    model_family: str = _f("auto", "Model family; 'auto' detects it from the weights.",
-                           choices=["auto", *family_names()])
+    model_family: str = _f(AUTO, "Model family; 'auto' detects it from the weights.",
+                           choices=[AUTO, *family_names()])
     base_components: Optional[str] = _f(None, "Flux.1 single-file checkpoints: the diffusers folder or hub id that "
                                         "supplies what the file lacks (text encoders, VAE, tokenizers). Default: "
                                         "black-forest-labs/FLUX.1-schnell (same encoders and VAE as dev).",
@@ -346,7 +346,7 @@ def _check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("'train_data_dir' is empty. Set it to the folder that holds the training data.")
     if not cfg.output_dir:
         problems.append("'output_dir' is empty. Set it to the folder where the LoRA should be written.")
-    if cfg.model_family != "auto" and get_family(cfg.model_family).task != cfg.task_type:
+    if cfg.model_family != AUTO and get_family(cfg.model_family).task != cfg.task_type:
         fitting = ", ".join(f.name for f in all_families(cfg.task_type))
         problems.append(f"'model_family' is {cfg.model_family} but task_type is {cfg.task_type}; use {fitting} "
                         "or auto.")

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from studio.families import family_names
+from studio.families import AUTO, family_names
 
 if TYPE_CHECKING:  # studio.hardware imports torch; the UI imports this module at start-up
     from studio.hardware import Hardware
     from studio.plan.fit import Fitted
 
-def suggest_config(preset: str, hardware: Hardware, family: str = "auto", *, base_model: str = "",
+def suggest_config(preset: str, hardware: Hardware, family: str = AUTO, *, base_model: str = "",
                    train_data_dir: str = "", output_dir: str = "", **extra) -> tuple[dict, dict, Fitted]:
     """(values, reasons, fitted): the preset's name, the paths, and the memory-bound keys the fit chose for `hardware`.
 
@@ -31,7 +31,7 @@ def suggest_config(preset: str, hardware: Hardware, family: str = "auto", *, bas
     from studio.plan.fit import fit_config
 
     data = {"preset": preset, "base_model": base_model, "train_data_dir": train_data_dir, "output_dir": output_dir,
-            **({"model_family": family} if family != "auto" else {}), **extra}
+            **({"model_family": family} if family != AUTO else {}), **extra}
     fitted = fit_config(data, hardware, check_paths=False)
     values = {**{k: v for k, v in data.items() if k != "model_family"}, **{k: getattr(fitted.cfg, k)
                                                                           for k in fitted.reasons}, **extra}
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", required=True, help="model folder, hub id or .safetensors checkpoint")
     parser.add_argument("--data", default="", help="train_data_dir")
     parser.add_argument("--out", default="", help="output_dir")
-    parser.add_argument("--family", default="auto", choices=["auto", *family_names()])
+    parser.add_argument("--family", default=AUTO, choices=[AUTO, *family_names()])
     parser.add_argument("--vram-gb", type=float, help="plan for a card with this much memory (vram_budget_gb)")
     args = parser.parse_args(argv)
     hardware = detect()

@@ -35,6 +35,7 @@ from studio.errors import StudioError
 from studio.export.lora_file import save_lora_file
 from studio.export.metadata import ImageFacts
 from studio.export.selftest import check_lora
+from studio.families import AUTO
 from studio.hardware import storage_dtype, to_device
 from studio.models.nf4 import quantize_linears_nf4
 from studio.models.pipelines import load_pipeline
@@ -62,7 +63,7 @@ class DiffusionEngine(Engine):
         self.weight_dtype = storage_dtype(self.autocast, self.device.type)  # LoRA: fp32 (cast_training_params)
         self.pipe, self.family = load_pipeline(cfg.base_model, allow_unsafe_pickle=cfg.allow_unsafe_pickle,
                                                torch_dtype=self.weight_dtype, components=cfg.base_components)
-        if cfg.model_family not in ("auto", self.family.name):
+        if cfg.model_family not in (AUTO, self.family.name):
             raise StudioError(f"model_family is {cfg.model_family} but {cfg.base_model} is a {self.family.label} "
                               f"model ({self.family.name}). Set model_family: auto.")
         self.check_base_format(self.family)

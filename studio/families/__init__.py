@@ -24,6 +24,8 @@ from studio.tasks import IMAGE_TASK, TEXT_TASK
 Shapes = Mapping[str, tuple]  # tensor name → shape, from a checkpoint's header
 
 
+AUTO = "auto"  # the model_family value that means "detect it from the weights"
+
 # Smaller base-weight formats a family may offer, and the config key that turns each on.
 BASE_FORMAT_KEYS = {"fp8": "fp8_base", "nf4": "load_in_4bit"}
 
@@ -152,7 +154,7 @@ def _image_family_of_files(path: Path) -> Family | None:
 
 def resolve_family(cfg) -> Family:
     """The run's family: its `model_family`, or detected from the task and the model's files for 'auto'."""
-    return get_family(cfg.model_family) if cfg.model_family != "auto" else detect_family(cfg.task_type,
+    return get_family(cfg.model_family) if cfg.model_family != AUTO else detect_family(cfg.task_type,
                                                                                        cfg.base_model)
 
 
