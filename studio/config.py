@@ -127,6 +127,10 @@ class RunConfig:
     output_dir: str = _f("", "Where the adapter, checkpoints, logs and config.yaml go.")
     output_name: Optional[str] = _f(None, "File name of the exported LoRA; default: the output_dir folder name.")
     save_steps: int = _f(100, "Save a checkpoint every N updates (0 = only at the end).", min=0)
+    save_adapter_every: Optional[int] = _f(None, "Also export the adapter every N updates, as "
+                                           "<name>-stepNNNNNN.safetensors (LLMs: a folder), to pick the best one; "
+                                           "default: with every checkpoint (save_steps); 0 = the final one only.",
+                                           min=0)
     checkpoints_total_limit: int = _f(3, "Keep only the newest N checkpoints.", min=1)
     resume_from: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' in output_dir.", path="resume")
     logging_dir: Optional[str] = _f(None, "TensorBoard log folder; default output_dir/logs.")

@@ -130,6 +130,9 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
                 break
             if run.needs_save():
                 run.save("periodic")
+            if run.needs_adapter():  # the adapter so far, beside the final one, with the same header
+                engine.export(out, export_metadata(run.cfg, engine, pos.step, time.time() - started),
+                              name=f"{run.cfg.name}-step{pos.step:06d}")
 
         run.save("stop" if stopped else "final")
         if not stopped:
@@ -227,6 +230,10 @@ class _Training:
     # --- checkpoints, samples ------------------------------------------------------------------------------------
     def needs_save(self) -> bool:
         return self._every(self.cfg.save_steps)
+
+    def needs_adapter(self) -> bool:
+        every = self.cfg.save_adapter_every
+        return self._every(self.cfg.save_steps if every is None else every)
 
     def needs_sample(self) -> bool:
         return self._every(self.cfg.sample_every_steps)

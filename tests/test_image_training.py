@@ -240,3 +240,22 @@ def test_broken_dataset_never_starts_training(demo, tmp_path):
     with pytest.raises(DatasetError, match="white.png: cannot be read as an image"):
         train(image_config(demo.sd15, data, tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_adapters_along_the_way_load_in_diffusers(demo, trained):
+    """save_adapter_every (default: with every checkpoint) exports <name>-stepNNNNNN.safetensors with the same header,
+    so a user can pick the step that looks best."""
+    cfg, result, events, _ = trained
+    step = result.output_dir / f"{cfg.name}-step000030.safetensors"
+    with safe_open(str(step), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_steps"] == "30" and meta["ss_output_name"] == cfg.name and meta["studio_selftest"].startswith("all")
+    pipe = StableDiffusionPipeline.from_pretrained(demo.sd15)
+    base = render_np(pipe, steps=2)
+    pipe.load_lora_weights(str(step), adapter_name="step30")
+    pipe.load_lora_weights(str(result.files[0]), adapter_name="final")
+    pipe.set_adapters(["step30"], [1.0])
+    halfway = render_np(pipe, steps=2)
+    pipe.set_adapters(["final"], [1.0])
+    assert abs(halfway - base).max() > 1e-4 and abs(render_np(pipe, steps=2) - halfway).max() > 1e-4
+    assert not (result.output_dir / f"{cfg.name}-step000060.safetensors").exists()  # the last step is the final one

@@ -204,3 +204,15 @@ def test_model_and_adapter_errors_say_what_to_do(demo, tmp_path):
         merge_adapter(demo.chat, tmp_path / "merged")
     with pytest.raises(StudioError, match="is not a peft adapter folder"):
         ChatPreview(demo.llama)
+
+
+def test_adapter_folders_along_the_way_and_none_when_off(demo, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(llm_config(demo, tmp_path / "steps", max_train_steps=2, save_steps=1))
+    step = result.output_dir / f"{result.files[0].name}-step000001"
+    assert (step / "adapter_config.json").is_file()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo.llama), str(step))
+    off = train(llm_config(demo, tmp_path / "off", max_train_steps=2, save_steps=1, save_adapter_every=0))
+    assert not list(off.output_dir.glob("*-step*"))

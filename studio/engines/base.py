@@ -99,8 +99,9 @@ class Engine(ABC):
         """Restore `adapter_state()` output (resume)."""
 
     @abstractmethod
-    def export(self, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        """Write the deliverable adapter file(s) into `out_dir`; returns their paths, main file first."""
+    def export(self, out_dir: Path, metadata: dict[str, str], name: str | None = None) -> list[Path]:
+        """Write the deliverable adapter file(s) into `out_dir`; returns their paths, main file first. `name`: an
+        adapter exported during the run (just the adapter, under that name) rather than the run's final one."""
 
     @abstractmethod
     def sample(self, prompts: list[str], out_dir: Path, step: int) -> list[Sample]:

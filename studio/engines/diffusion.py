@@ -340,16 +340,16 @@ class DiffusionEngine(Engine):
             if getattr(result, "unexpected_keys", None):
                 raise StudioError(f"Adapter weights do not fit {prefix}: unexpected {result.unexpected_keys[:3]}.")
 
-    def export(self, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
+    def export(self, out_dir: Path, metadata: dict[str, str], name: str | None = None) -> list[Path]:
+        file = out_dir / f"{name or self.cfg.name}.safetensors"
         tensors = self.recipe.to_file(self.adapter_state(), Scaling.of(self.cfg))
         test = check_lora(tensors, self.pipe, self.family)
-        self.events.emit("selftest", message=f"Export self-test: {test.summary()}" if test.ok else
-                         f"WARNING: the exported LoRA would not load completely: {test.summary()}",
+        self.events.emit("selftest", message=f"Export self-test of {file.name}: {test.summary()}" if test.ok else
+                         f"WARNING: {file.name} would not load completely: {test.summary()}",
                          ok=test.ok, problems=test.problems)
-        main = save_lora_file(out_dir / f"{self.cfg.name}.safetensors", tensors,
-                              {**metadata, "studio_selftest": test.summary()})
+        main = save_lora_file(file, tensors, {**metadata, "studio_selftest": test.summary()})
         files = [main]
-        if self.cfg.export_peft_format:
+        if self.cfg.export_peft_format and name is None:
             # peft's own keys with each LoraConfig in the header: diffusers injects every layer as trained and reads
             # alpha from the config (without it, alpha = rank and the strength is off).
             parts = {}

@@ -177,10 +177,10 @@ class LLMEngine(Engine):
         if result.unexpected_keys:
             raise StudioError(f"Adapter weights do not fit this model: unexpected {result.unexpected_keys[:3]}.")
 
-    def export(self, out_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        adapter = save_adapter(self.model, self.tokenizer, out_dir / self.cfg.name, metadata)
+    def export(self, out_dir: Path, metadata: dict[str, str], name: str | None = None) -> list[Path]:
+        adapter = save_adapter(self.model, self.tokenizer, out_dir / (name or self.cfg.name), metadata)
         files = [adapter]
-        if self.cfg.save_merged_model:
+        if self.cfg.save_merged_model and name is None:
             self.events.emit("log", message="Merging the adapter into the base model...")
             files.append(merge_adapter(adapter, out_dir / f"{self.cfg.name}-merged", base_model=self.cfg.base_model))
         return files
