@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from studio.adapters import network_problems
 from studio.config import RunConfig
 from studio.errors import StudioError
 from studio.events import EventSink
@@ -45,8 +46,9 @@ class Engine(ABC):
     def load(self) -> None:
         """Validate the data, load the base model, attach LoRA (from `init_lora` if set), prepare caches."""
 
-    def check_base_format(self, family: Family) -> None:
-        """fp8_base / load_in_4bit: one at a time, offered by the family, and 4-bit only where bitsandbytes runs."""
+    def check_family_settings(self, family: Family, problems: list[str] | tuple = ()) -> None:
+        """The settings `family` must support, in one StudioError: fp8_base / load_in_4bit (one at a time, offered by
+        the family, 4-bit only where bitsandbytes runs), the network type, and the engine's own `problems`."""
         cfg = self.cfg
         if cfg.fp8_base and cfg.load_in_4bit:
             raise StudioError("fp8_base and load_in_4bit both choose how the base weights are stored; set one of "
@@ -60,6 +62,9 @@ class Engine(ABC):
             raise StudioError("load_in_4bit needs a CUDA GPU: bitsandbytes' 4-bit kernels run there. Set "
                               "load_in_4bit: false to train in 16/32-bit here (use a smaller model if memory is "
                               "short), or train on a machine with an NVIDIA GPU.")
+        problems = network_problems(cfg, family.network_types, family.label) + list(problems)
+        if problems:
+            raise StudioError("\n".join(problems))
 
     @abstractmethod
     def num_samples(self) -> int:

@@ -25,7 +25,7 @@ from diffusers.training_utils import cast_training_params
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from studio.adapters import Scaling, adapter_config, network_header, network_problems
+from studio.adapters import Scaling, adapter_config, network_header
 from studio.config import RunConfig
 from studio.data.feature_cache import CACHE_DIR, VERSION, DiskCache, Features, file_digest, model_fingerprint
 from studio.data.images import (DatasetItem, augment_caption, bucket_batches, inspect_dataset, load_pixels,
@@ -66,11 +66,8 @@ class DiffusionEngine(Engine):
         if cfg.model_family not in (AUTO, self.family.name):
             raise StudioError(f"model_family is {cfg.model_family} but {cfg.base_model} is a {self.family.label} "
                               f"model ({self.family.name}). Set model_family: auto.")
-        self.check_base_format(self.family)
         self.recipe = self.family.load_recipe()
-        problems = network_problems(cfg, self.family.network_types, self.family.label) + self.recipe.check(cfg)
-        if problems:
-            raise StudioError("\n".join(problems))
+        self.check_family_settings(self.family, self.recipe.check(cfg))
         pipe = self.pipe
         pipe.set_progress_bar_config(disable=True)
         self.denoiser = getattr(pipe, self.recipe.denoiser)

@@ -19,7 +19,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
-from studio.adapters import adapter_config, network_problems
+from studio.adapters import adapter_config
 from studio.config import RunConfig
 from studio.data.text import (Example, Record, collate, ensure_chat_template, pack, raise_problems,
                               read_dataset, tokenize_records)
@@ -41,11 +41,7 @@ class LLMEngine(Engine):
     # --- setup -------------------------------------------------------------------------------------------------------
     def load(self) -> None:
         cfg = self.cfg
-        family = get_family("llm")
-        self.check_base_format(family)
-        problems = network_problems(cfg, family.network_types, family.label)
-        if problems:
-            raise StudioError("\n".join(problems))
+        self.check_family_settings(get_family("llm"))
         report = read_dataset(cfg.train_data_dir, cfg.data_format, cfg.system_prompt)
         report.raise_if_problems()  # before the model loads: a broken dataset fails in a second, not minutes
         self.tokenizer = load_tokenizer(cfg.base_model)
