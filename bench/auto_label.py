@@ -1,8 +1,8 @@
-"""Auto-labelling throughput on the tiny CLIP and BLIP models: images/s per mode, batch 1 vs batch 8.
+"""Auto-labelling throughput on the tiny models of every mode (CLIP, BLIP, WD14 tagger, VLM): images/s, batch 1 vs 8.
 
 Measures `auto_label` end to end after the models are loaded (decode, preprocess, forward, caption composition);
 model loading is reported separately. The tiny models make this a measure of the pipeline's own overhead and of what
-batching saves, not of real CLIP/BLIP speed.
+batching saves, not of real model speed. The random VLM never stops early, so its captions are VLM_TOKENS long.
 
 Run: `.venv/bin/python bench/auto_label.py` (add --write to update bench/RESULTS.md).
 """
@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.results import update_results  # noqa: E402
-from studio.data.captioning import MODES, auto_label  # noqa: E402
-from studio.demo import ensure_demo  # noqa: E402
+from studio.data.captioning import MODES, LabelModels, auto_label  # noqa: E402
+from studio.demo.captioners import build_tiny_blip, build_tiny_clip, build_tiny_vlm, build_tiny_wd14  # noqa: E402
 from studio.demo.datasets import COLOURS, SHAPES, draw_shape  # noqa: E402
 
 IMAGES, SIDE, REPEATS, BATCHES = 32, 256, 5, (1, 8)
+VLM_TOKENS = 30  # about one sentence
 
 
 def make_images(folder: Path) -> Path:
@@ -37,7 +38,7 @@ def make_images(folder: Path) -> Path:
     return folder
 
 
-def measure(folder: Path, demo, mode: str, batch_size: int) -> tuple[float, float]:
+def measure(folder: Path, models: LabelModels, mode: str, batch_size: int) -> tuple[float, float]:
     """(images/s, seconds of set-up before the first image: loading models, embedding the vocabulary), medians."""
     rates, setups = [], []
     for _ in range(REPEATS):
@@ -47,26 +48,34 @@ def measure(folder: Path, demo, mode: str, batch_size: int) -> tuple[float, floa
             if done == 0:  # auto_label reports 0 done once its models are ready
                 started.append(time.perf_counter())
 
-        report = auto_label(folder, mode=mode, batch_size=batch_size, overwrite=True, clip_model=str(demo.clip),
-                            blip_model=str(demo.blip), progress=progress)
+        report = auto_label(folder, mode=mode, batch_size=batch_size, overwrite=True, models=models,
+                            progress=progress)
         rates.append(report.images_per_s)
         setups.append(started[0] - begin)
     return statistics.median(rates), statistics.median(setups)
 
 
+def tiny_models(tmp: Path) -> LabelModels:
+    return LabelModels(clip_model=str(build_tiny_clip(tmp / "clip")), blip_model=str(build_tiny_blip(tmp / "blip")),
+                       wd14_model=str(build_tiny_wd14(tmp / "wd14")), vlm_model=str(build_tiny_vlm(tmp / "vlm")),
+                       vlm_max_tokens=VLM_TOKENS)
+
+
 def main() -> str:
     tmp = Path(tempfile.mkdtemp())
-    demo = ensure_demo(tmp / "ws")
+    models = tiny_models(tmp)
     folder = make_images(tmp / "images")
-    auto_label(folder, batch_size=8, clip_model=str(demo.clip), blip_model=str(demo.blip))  # warm-up: imports, caches
-    lines = [f"{IMAGES} PNGs of {SIDE}x{SIDE} px, tiny CLIP + tiny BLIP (32 px input), on "
+    for mode in MODES:  # warm-up: imports, caches, first-call kernels
+        auto_label(folder, mode=mode, batch_size=8, overwrite=True, models=models)
+    lines = [f"{IMAGES} PNGs of {SIDE}x{SIDE} px; tiny CLIP, BLIP and LLaVA-style VLM (32 px input; VLM captions "
+             f"{VLM_TOKENS} tokens) and a tiny ONNX WD14 tagger (32 px input, onnxruntime); on "
              f"{'cuda' if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; median of {REPEATS} runs, set-up excluded from img/s.", "",
              "| mode | batch 1 | batch 8 | batch 8 / batch 1 | set-up (load models, embed vocabulary) |",
              "|---|---|---|---|---|"]
-    for mode, title in MODES.items():
-        (single, setup), (batched, _) = (measure(folder, demo, mode, batch) for batch in BATCHES)
-        lines.append(f"| {mode} ({title}) | {single:.1f} img/s | {batched:.1f} img/s | {batched / single:.2f}x | "
+    for mode, spec in MODES.items():
+        (single, setup), (batched, _) = (measure(folder, models, mode, batch) for batch in BATCHES)
+        lines.append(f"| {mode} ({spec.title}) | {single:.1f} img/s | {batched:.1f} img/s | {batched / single:.2f}x | "
                      f"{setup * 1000:.0f} ms |")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ class ConfigError(StudioError):
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:
-    """A schema field: default, help text, and validation rules (choices, min, max, path)."""
+    """A schema field: default, help text, and validation rules (choices, min, max, path, pattern: (regex, what it
+    allows))."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
@@ -64,6 +66,13 @@ class RunConfig:
                          min=64, max=4096)
     enable_bucket: bool = _f(True, "Aspect-ratio bucketing: keep portrait/landscape images uncropped.")
     random_flip: bool = _f(False, "Randomly mirror images horizontally.")
+    # 128 MP holds a 100 MP medium-format photo (the largest common camera); decoding one takes ~0.5 GB.
+    max_image_pixels: int = _f(128_000_000, "Images with more pixels (width x height) than this are reported as "
+                               "a dataset problem instead of decoded; downscale them or raise the limit.",
+                               min=1_000_000)
+    image_background: str = _f("white", "Colour transparent pixels are put on wherever images are read (training, "
+                               "captioning, thumbnails): white, black or #rrggbb.",
+                               pattern=(r"white|black|#[0-9a-fA-F]{6}", "white, black or a colour as #rrggbb"))
     cache_latents: bool = _f(True, "Encode each image with the VAE once instead of every epoch (off with random_flip).")
     cache_latents_to_disk: bool = _f(False, "Keep VAE latents and text embeddings in train_data_dir/.studio-cache "
                                      "for later runs on the same images, model and resolution (works with "
@@ -74,6 +83,12 @@ class RunConfig:
     max_length: int = _f(1024, "Maximum tokens per text sample; longer samples are truncated.", min=8)
     train_on_prompt: bool = _f(False, "Also compute loss on system/user tokens (default: assistant tokens only).")
     packing: bool = _f(False, "Pack several short text samples into one sequence of max_length.")
+    validation_split: float = _f(0.0, "Fraction of the samples held out (never trained on) to measure a validation "
+                                 "loss on; chosen by seed. 0 = off.", min=0.0, max=0.5)
+    validation_dir: Optional[str] = _f(None, "A separate folder (or file, for LLMs) of held-out samples in the same "
+                                       "format as train_data_dir, instead of validation_split.", path="data")
+    validate_every: Optional[int] = _f(None, "Compute the validation loss every N updates (and at the end); "
+                                       "default: with every checkpoint (save_steps); 0 = only at the end.", min=0)
 
     # --- LoRA ------------------------------------------------------------------------------------------------------
     lora_rank: int = _f(8, "LoRA rank (dim).", min=1, max=1024)
@@ -122,6 +137,13 @@ class RunConfig:
     device: str = _f("auto", "Where to train.", choices=["auto", "cuda", "mps", "cpu"])
     vram_budget_gb: Optional[float] = _f(None, "Plan and fit the run for a card with this much memory (GB) instead "
                                          "of the one present, e.g. 24 to plan a 4090 run anywhere.", min=1.0)
+    num_processes: int = _f(1, "Processes (one per GPU) that train together: each takes its share of every update "
+                            "and the gradients are averaged, so batch_size is per GPU and the effective batch is "
+                            "batch_size x gradient_accumulation_steps x num_processes. More than 1 relaunches "
+                            "through accelerate (gloo on the CPU).", min=1)
+    distributed: str = _f("ddp", "With num_processes > 1: ddp (each GPU holds the whole model) or fsdp (LLMs: the "
+                          "frozen base is sharded over the GPUs, for models one card cannot hold).",
+                          choices=["ddp", "fsdp"])
 
     # --- outputs ---------------------------------------------------------------------------------------------------
     output_dir: str = _f("", "Where the adapter, checkpoints, logs and config.yaml go.")
@@ -152,6 +174,11 @@ class RunConfig:
     @property
     def name(self) -> str:
         return self.output_name or Path(self.output_dir).name or "lora"
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer update, over all processes."""
+        return self.batch_size * self.gradient_accumulation_steps * self.num_processes
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -289,6 +316,8 @@ def _coerce(key: str, raw: Any) -> Any:
         raise ValueError(f"'{key}' is {value}; it must be at least {meta['min']}.")
     if "max" in meta and value > meta["max"]:
         raise ValueError(f"'{key}' is {value}; it must be at most {meta['max']}.")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"][0], value):
+        raise ValueError(f"'{key}' is '{value}', expected {meta['pattern'][1]}.")
     return value
 
 
@@ -336,6 +365,8 @@ def _coerce_type(key: str, raw: Any, base: Any, meta: dict) -> Any:
 def _describe(base: Any, meta: dict) -> str:
     if "choices" in meta:
         return "one of " + ", ".join(meta["choices"])
+    if "pattern" in meta:
+        return meta["pattern"][1]
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
     if base in names:
         return names[base]
@@ -350,6 +381,12 @@ def _check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("'train_data_dir' is empty. Set it to the folder that holds the training data.")
     if not cfg.output_dir:
         problems.append("'output_dir' is empty. Set it to the folder where the LoRA should be written.")
+    if cfg.validation_split and cfg.validation_dir:
+        problems.append(f"'validation_split' is {cfg.validation_split} and 'validation_dir' is set; both choose the "
+                        "held-out samples. Keep one: remove validation_dir, or set validation_split: 0.")
+    if cfg.distributed == "fsdp" and (cfg.is_image or cfg.num_processes < 2):
+        problems.append("'distributed' is fsdp, which shards an LLM over several GPUs; it needs task_type "
+                        f"{TEXT_TASK} and num_processes 2 or more. Use distributed: ddp otherwise.")
     if cfg.model_family != AUTO and get_family(cfg.model_family).task != cfg.task_type:
         fitting = ", ".join(f.name for f in all_families(cfg.task_type))
         problems.append(f"'model_family' is {cfg.model_family} but task_type is {cfg.task_type}; use {fitting} "

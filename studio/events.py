@@ -17,7 +17,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-# kinds: start, progress, log, sample, checkpoint, done, stopped, failed
+# kinds: plan, start, progress, validation, log, sample, checkpoint, backoff, done, stopped, failed
 FINAL_KINDS = ("done", "stopped", "failed")
 
 

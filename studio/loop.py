@@ -1,8 +1,11 @@
 """The one training loop, for every task: `train(cfg, events, stop)`.
 
 Read top to bottom: set up (device, engine, optimizer, schedule), maybe resume, then updates until the step budget
-is spent or a stop is requested, with samples and checkpoints on the way, then the export. Each update is one group
-of `batch_size * gradient_accumulation_steps` samples, run as micro-batches of `batch_size` whose gradients add up.
+is spent or a stop is requested, with validation, samples and checkpoints on the way (also when asked for through
+`Requests`), then the export. Each update is one group of `batch_size * gradient_accumulation_steps` samples, run
+as micro-batches of `batch_size` whose gradients add up; with num_processes > 1 the group is that many times larger
+and each process runs its share of it (studio/distributed.py: the gradients are summed over the processes, and only
+the main process writes).
 An update that runs out of memory is retried with smaller settings (studio/backoff.py), and `output_dir/config.yaml`
 is rewritten with them. What differs between image and text training lives in the engine (studio/engines/).
 """
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 
 from studio import checkpoints
-from studio.backoff import CHECKPOINTING, apply_backoff, effective_batch, exhausted_message, next_backoff
+from studio.backoff import CHECKPOINTING, apply_backoff, exhausted_message, next_backoff
 from studio.checkpoints import Position
 from studio.config import RunConfig, save_config
+from studio.distributed import Processes, join
 from studio.engines import make_engine
 from studio.engines.base import Engine
 from studio.errors import StudioError
@@ -44,21 +48,37 @@ class RunResult:
     total_steps: int = 0
     stopped: bool = False
     last_loss: float | None = None
+    best_val_loss: float | None = None  # the lowest validation loss (validation_split / validation_dir) and its step
+    best_val_step: int | None = None
+
+
+@dataclass
+class Requests:
+    """Sample now / Save now while a run goes: set a flag from any thread; the loop reads it at the next update
+    boundary (like `stop`), renders samples or saves a checkpoint plus a <name>-stepNNNNNN adapter, and clears it."""
+    sample: threading.Event = field(default_factory=threading.Event)
+    save: threading.Event = field(default_factory=threading.Event)
 
 
 def train(cfg: RunConfig, events: EventSink | None = None, stop: threading.Event | None = None,
-          fitted: Fitted | None = None) -> RunResult:
+          fitted: Fitted | None = None, requests: Requests | None = None) -> RunResult:
     """Run a training job to the end (or to a stop request). Every outcome is also an event.
 
     `fitted` is the fit that produced `cfg` (studio.plan.fit_config: its reasons and memory plan are reported);
-    without it the run is planned as it stands.
+    without it the run is planned as it stands. `requests`: flags for samples or a save now.
     """
     events = events or EventSink()
     stop = stop or threading.Event()
+    requests = requests or Requests()
     out = Path(cfg.output_dir)
+    procs = Processes()
     try:
-        _open_output_dir(cfg, out, events)  # inside: an unusable output_dir is a 'failed' event like the rest
-        return _run(cfg, out, events, stop, fitted)
+        cfg, procs = join(cfg)  # this process alone, or one of those accelerate launch started (studio/distributed.py)
+        if procs.is_main:
+            _open_output_dir(cfg, out, events)  # inside: an unusable output_dir is a 'failed' event like the rest
+        else:
+            events = EventSink()  # the main process reports and writes for all
+        return _run(cfg, out, events, stop, fitted, requests, procs)
     except StudioError as exc:
         events.emit("failed", message=str(exc))
         raise
@@ -68,6 +88,7 @@ def train(cfg: RunConfig, events: EventSink | None = None, stop: threading.Event
         raise
     finally:
         events.close_jsonl()
+        procs.leave()
 
 
 def _open_output_dir(cfg: RunConfig, out: Path, events: EventSink) -> None:
@@ -83,25 +104,32 @@ def _open_output_dir(cfg: RunConfig, out: Path, events: EventSink) -> None:
                     f"{', '.join(str(p.relative_to(out)) for p in removed)}")
 
 
-def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fitted: Fitted | None) -> RunResult:
+def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fitted: Fitted | None,
+         requests: Requests, procs: Processes) -> RunResult:
     plan = report_plan(cfg, fitted, events)  # first: building the planner's meta model may draw random numbers
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = procs.device or pick_device(cfg.device)
     configure_backends(device)
     autocast = autocast_dtype(cfg.mixed_precision, device)
     engine = make_engine(cfg, device, autocast, events)
     events.emit("log", message=f"Loading {cfg.base_model} on {device.type}...")
     engine.load()
-    run = _Training(cfg, out, events, engine, device, autocast)
+    procs.prepare(engine)
+    run = _Training(cfg, out, events, engine, device, autocast, procs)
     if cfg.resume_from:
         run.resume(cfg.resume_from)
     pos, total = run.pos, run.total
 
-    tensorboard = TensorBoardListener(cfg.logging_dir or out / "logs")
-    events.listeners.append(tensorboard)
+    tensorboard = [TensorBoardListener(cfg.logging_dir or out / "logs")] if procs.is_main else []
+    events.listeners.extend(tensorboard)
+    processes = f" x {procs.world} processes" if procs.world > 1 else ""
     events.emit("start", step=pos.step, total=total, message=f"Training {total} steps "
-                f"({engine.num_samples()} samples/epoch, batch {cfg.batch_size} x "
-                f"{cfg.gradient_accumulation_steps} accumulation).", output_dir=str(out))
+                f"({engine.num_samples()} samples/epoch, effective batch {cfg.effective_batch} = batch "
+                f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes}).",
+                output_dir=str(out), effective_batch=cfg.effective_batch, num_processes=procs.world)
+    if cfg.sample_prompts and not procs.renders_samples and procs.is_main:
+        events.emit("log", message="No samples under distributed: fsdp (the model is split over the processes); "
+                                   "try the adapter in the Preview tab.")
     started, start_step, last_loss, stopped = time.time(), pos.step, None, False
     engine.train_mode(True)
     try:
@@ -122,30 +150,33 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
             events.emit("progress", step=pos.step, total=total, loss=loss, lr=run.scheduler.get_last_lr()[0],
                         epoch=pos.epoch, it_per_s=rate, eta_s=(total - pos.step) / rate if rate else None,
                         **peak_memory(device))
-            # --- samples, checkpoints, stop requests: only at update boundaries -------------------------------------
-            if run.needs_sample():
+            # --- validation, samples, checkpoints, stop and user requests: only at update boundaries -------------
+            if run.needs_validation():
+                run.validate()
+            if (run.needs_sample() or run.requested(requests.sample)) and procs.renders_samples:
                 emit_samples(engine, run.cfg, out, events, pos.step, total)
-            if stop.is_set():
+            if procs.should_stop(stop):  # all processes stop at the same update
                 stopped = True
                 break
-            if run.needs_save():
-                run.save("periodic")
-            if run.needs_adapter():  # the adapter so far, beside the final one, with the same header
-                engine.export(out, export_metadata(run.cfg, engine, pos.step, time.time() - started),
-                              name=f"{run.cfg.name}-step{pos.step:06d}")
+            run.save_on_schedule(now=run.requested(requests.save), seconds=time.time() - started)
 
+        if run.validated_step != pos.step:
+            run.validate()  # once at the end, also of a stopped run
         run.save("stop" if stopped else "final")
-        if not stopped:
+        if not stopped and procs.renders_samples:
             emit_samples(engine, run.cfg, out, events, pos.step, total)
         measured = measure_peak(device, plan, events)
-        files = engine.export(out, {**export_metadata(run.cfg, engine, pos.step, time.time() - started), **measured})
+        files = run.export(time.time() - started, measured)
     finally:
-        events.listeners.remove(tensorboard)
-        tensorboard.close()
-    result = RunResult(out, files, pos.step, total, stopped, last_loss)
+        for listener in tensorboard:
+            events.listeners.remove(listener)
+            listener.close()
+    best_val_loss, best_val_step = run.best_val or (None, None)
+    result = RunResult(out, files, pos.step, total, stopped, last_loss, best_val_loss, best_val_step)
     events.emit("stopped" if stopped else "done", step=pos.step, total=total,
-                message=f"{'Stopped' if stopped else 'Finished'} at step {pos.step}/{total}. Adapter: {files[0]}",
-                files=[str(f) for f in files])
+                message=f"{'Stopped' if stopped else 'Finished'} at step {pos.step}/{total}."
+                        + (f" Adapter: {files[0]}" if files else ""),
+                files=[str(f) for f in files], best_val_loss=best_val_loss, best_val_step=best_val_step)
     return result
 
 
@@ -155,9 +186,9 @@ class _Training:
     `batch_size`; an out-of-memory back-off changes the split (or other settings) and `cfg`, never the groups."""
 
     def __init__(self, cfg: RunConfig, out: Path, events: EventSink, engine: Engine, device: torch.device,
-                 autocast: torch.dtype | None):
+                 autocast: torch.dtype | None, procs: Processes):
         self.cfg, self.out, self.events, self.engine = cfg, out, events, engine
-        self.device, self.autocast = device, autocast
+        self.device, self.autocast, self.procs = device, autocast, procs
         self.pos = Position()
         self.total = cfg.max_train_steps or cfg.epochs * len(self.groups())
         self.optimizer = build_optimizer(cfg, engine.param_groups(), device)
@@ -166,10 +197,12 @@ class _Training:
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
         self.rng = torch.Generator().manual_seed(cfg.seed)  # noise and timesteps are drawn from here (checkpointed)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.best_val: tuple[float, int] | None = None  # (loss, step): the lowest validation loss so far
+        self.validated_step: int | None = None
 
     def groups(self) -> list[list[int]]:
         """The current epoch's sample groups, one optimizer update each."""
-        return self.engine.batches(self.pos.epoch, effective_batch(self.cfg))
+        return self.engine.batches(self.pos.epoch, self.cfg.effective_batch)
 
     # --- one update ----------------------------------------------------------------------------------------------
     def update(self, group: list[int]) -> float | None:
@@ -180,12 +213,13 @@ class _Training:
             loss = self._forward_backward(group)
         except torch.OutOfMemoryError:
             loss = None  # leaving this block frees the error's traceback and with it the step's tensors
-        if loss is None:
+        if self.procs.any(loss is None):  # out of memory in one process: all back off together
             self.optimizer.zero_grad(set_to_none=True)
             self.rng.set_state(rng_state)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
+        loss = self.procs.sum_gradients(self.params, loss)
         if self.cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -196,12 +230,16 @@ class _Training:
         return loss.item()  # read once per update: .item() syncs a GPU
 
     def _forward_backward(self, group: list[int]) -> torch.Tensor:
-        """Accumulate the gradient of the group's mean loss over its micro-batches; returns that loss."""
+        """Accumulate the gradient of the group's mean loss over this process's micro-batches of it; returns their
+        share of that loss."""
         group_loss = torch.zeros((), device=self.device)
-        for micro in micro_batches(group, self.cfg.batch_size):
+        seed = int(torch.randint(2**62, (1,), generator=self.rng))  # one draw per update, the same in every process
+        for position, micro in self.procs.micro_batches(group, self.cfg.batch_size):
             batch = self.engine.collate(micro, self.pos.epoch)
+            # The noise of a micro-batch follows from its place in the group, not from the process that runs it.
+            rng = torch.Generator().manual_seed(seed + position)
             with torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext():
-                loss = self.engine.loss(batch, self.rng)
+                loss = self.engine.loss(batch, rng)
             loss = loss * (len(micro) / len(group))  # weighted by its share of the samples: any split, same gradient
             self.scaler.scale(loss).backward()
             group_loss += loss.detach().float()
@@ -222,7 +260,8 @@ class _Training:
             self.engine.enable_gradient_checkpointing()
         elif change.remakes_data:
             self.engine.apply_length(self.cfg)
-        save_config(self.cfg, self.out / "config.yaml")  # a rerun from it starts with settings that fit
+        if self.procs.is_main:
+            save_config(self.cfg, self.out / "config.yaml")  # a rerun from it starts with settings that fit
         self.events.emit("backoff", step=self.pos.step, total=self.total, message=change.describe(step),
                          change=change.kind, changes={key: list(pair) for key, pair in change.changes.items()})
         return change.remakes_data
@@ -238,15 +277,58 @@ class _Training:
     def needs_sample(self) -> bool:
         return self._every(self.cfg.sample_every_steps)
 
+    def needs_validation(self) -> bool:
+        every = self.cfg.validate_every
+        return self._every(self.cfg.save_steps if every is None else every)
+
+    def requested(self, flag: threading.Event) -> bool:
+        """Take a Sample now / Save now request (clearing it); at the last update the end of the run does both."""
+        if self.pos.step >= self.total or not flag.is_set():
+            return False
+        flag.clear()
+        return True
+
     def _every(self, steps: int) -> bool:
         """True every `steps` updates (0 = never), except at the last update, which the end of the run covers."""
         return bool(steps) and self.pos.step % steps == 0 and self.pos.step < self.total
 
-    def save(self, reason: str) -> Path:
+    def validate(self) -> None:
+        """The held-out loss now, as a 'validation' event (nothing when the run holds no samples out)."""
+        loss = self.engine.validation_loss()
+        self.validated_step = self.pos.step
+        if loss is None:
+            return
+        if self.best_val is None or loss < self.best_val[0]:
+            self.best_val = (loss, self.pos.step)
+        self.events.emit("validation", step=self.pos.step, total=self.total, loss=loss,
+                         message=f"Validation loss {loss:.4f} at step {self.pos.step} (best {self.best_val[0]:.4f} "
+                                 f"at step {self.best_val[1]}).")
+
+    def save_on_schedule(self, now: bool, seconds: float) -> None:
+        """The checkpoint and the step adapter (beside the final one, same header) when due, or `now` (Save now)."""
+        if self.needs_save() or now:
+            self.save("requested" if now else "periodic")
+        if self.needs_adapter() or now:
+            self.export(seconds, name=f"{self.cfg.name}-step{self.pos.step:06d}")
+
+    def export(self, seconds: float, extra: dict | None = None, name: str | None = None) -> list[Path]:
+        """The adapter file(s) with the run's header (from the main process; the others export nothing)."""
+        if not self.procs.is_main:
+            return []
+        with self.procs.whole_model(self.engine):
+            metadata = {**export_metadata(self.cfg, self.engine, self.pos.step, seconds), **(extra or {})}
+            return self.engine.export(self.out, metadata, name=name)
+
+    def save(self, reason: str) -> Path | None:
+        """A checkpoint (every process takes part; the main one writes it)."""
         training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(), "loop_rng": self.rng.get_state()}
-        path = checkpoints.save_checkpoint(self.out, self.engine.adapter_state(), training, self.pos,
-                                           self.cfg.checkpoints_total_limit)
+                    "scaler": self.scaler.state_dict(), "loop_rng": self.rng.get_state(), "best_val": self.best_val,
+                    **self.procs.checkpoint_state()}
+        if not self.procs.is_main:
+            return None
+        with self.procs.whole_model(self.engine):
+            adapter = self.engine.adapter_state()
+        path = checkpoints.save_checkpoint(self.out, adapter, training, self.pos, self.cfg.checkpoints_total_limit)
         self.events.emit("checkpoint", step=self.pos.step, total=self.total,
                          message=f"Saved {reason} checkpoint {path.name}", path=str(path))
         return path
@@ -254,18 +336,17 @@ class _Training:
     def resume(self, resume_from: str) -> None:
         path = checkpoints.resolve_resume(resume_from, self.out)
         adapter, state, self.pos = checkpoints.load_checkpoint(path)
-        self.engine.load_adapter_state(adapter)
+        self.procs.check_resume(state, path)
+        with self.procs.whole_model(self.engine):
+            self.engine.load_adapter_state(adapter)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.rng.set_state(state["loop_rng"])
-        checkpoints.restore_rng(state["rng"])
+        self.best_val = state.get("best_val")  # absent in checkpoints from before validation existed
+        checkpoints.restore_rng(self.procs.own_rng_state(state))
         self.events.emit("log", step=self.pos.step, total=self.total,
                          message=f"Resumed from {path} at step {self.pos.step}.")
-
-
-def micro_batches(group: list[int], size: int) -> list[list[int]]:
-    return [group[i:i + size] for i in range(0, len(group), size)]
 
 
 def seed_everything(seed: int) -> None:

@@ -1,4 +1,5 @@
-"""TensorBoard logging as an event listener: loss and learning rate per step, sample images and replies."""
+"""TensorBoard logging as an event listener: loss and learning rate per step, the validation loss, sample images
+and replies."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class TensorBoardListener:
         if event.kind == "progress":
             self.writer.add_scalar("train/loss", event.data["loss"], event.step)
             self.writer.add_scalar("train/lr", event.data["lr"], event.step)
+        elif event.kind == "validation":  # in the same section as train/loss, so the two sit side by side
+            self.writer.add_scalar("train/validation_loss", event.data["loss"], event.step)
         elif event.kind == "sample":
             for i, sample in enumerate(event.data["samples"]):
                 if sample["image"]:

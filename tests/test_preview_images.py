@@ -42,10 +42,10 @@ def test_strengths_and_mixing(demo, two_adapters):
 
 
 def test_strength_sweep_grid(demo, two_adapters):
-    grid = ImagePreviewer().strength_sweep(str(demo.sd15), two_adapters[0], "a red circle", seed=0, steps=2,
-                                           width=64, height=64)
-    assert grid.size == (64 * len(SWEEP_STRENGTHS), 64)
-    tiles = [pixels(grid.crop((i * 64, 0, i * 64 + 64, 64))) for i in range(len(SWEEP_STRENGTHS))]
+    grid, layout = ImagePreviewer().strength_sweep(str(demo.sd15), [("final", two_adapters[0])], "a red circle",
+                                                   seed=0, steps=2, width=64, height=64)
+    assert layout.strengths == SWEEP_STRENGTHS and layout.rows == ("final",) and grid.size == layout.size
+    tiles = [pixels(grid.crop(layout.tile_box(0, c))) for c in range(len(SWEEP_STRENGTHS))]
     assert np.abs(tiles[0] - tiles[-1]).max() > 0
 
 

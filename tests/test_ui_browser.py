@@ -159,7 +159,23 @@ def pick(page, elem_id, text):
     page.get_by_role("option", name=text).first.click()
 
 
-def test_every_tab(page, shots):
+def click_tile(page, image, rows, columns, row, column):
+    """Click the middle of a tile of the strength sweep grid shown in `image` (square tiles, row 0 at the top): the
+    grid is GAP + columns × (tile + GAP) wide, and the browser shows it scaled down (never up), centred in its box."""
+    from studio.preview.sweep_grid import GAP
+
+    width, height = image.evaluate("(img) => [img.naturalWidth, img.naturalHeight]")
+    box = image.bounding_box()
+    tile = (width - GAP) / columns - GAP
+    x, y = GAP + column * (tile + GAP) + tile / 2, GAP + row * (height - GAP) / rows + tile / 2
+    scale = min(box["width"] / width, box["height"] / height, 1)
+    image.click(position={"x": (box["width"] - width * scale) / 2 + x * scale,
+                          "y": (box["height"] - height * scale) / 2 + y * scale})
+
+
+def test_every_tab(page, shots, demo):
+    from studio.run_adapters import step_of
+
     # --- Dataset: the demo's image dataset is picked and shown on load: thumbnails, captions, the validation report
     open_tab(page, "Dataset")
     assert page.locator("#dataset-picker input").input_value() == "demo-shapes (demo)"
@@ -234,27 +250,42 @@ def test_every_tab(page, shots):
     assert held and "already holds a run" not in pending, pending
     page.locator("#train-action").get_by_text("already holds a run").wait_for()
 
-    # --- Preview: the new run is offered; generate with it
+    # --- Preview: the new run's adapters are offered (the final one and those saved along the way); generate
     open_tab(page, "Preview")
-    pick(page, "preview-adapter-1", run_name)
+    pick(page, "preview-adapter-1", f"{run_name} · final")
     assert "tiny-sd15" in page.locator("#preview-base input").input_value()
     page.locator("#preview-generate").click()
-    page.locator("#preview-status").get_by_text(f"with {run_name}").wait_for(timeout=60_000)
+    page.locator("#preview-status").get_by_text(f"with {run_name} · final").wait_for(timeout=60_000)
     page.locator("#preview-image img").wait_for()
-    page.locator("#preview-sweep").click()  # the strength sweep: one seed at 0 … 1 in one grid
-    page.locator("#preview-status").get_by_text(f"{run_name} at strengths").wait_for(timeout=60_000)
-    page.locator("#preview-image img").wait_for()
+    # the strength sweep: strengths across, every checkpoint of the run down (picked for it), one seed, labelled
+    steps = sorted(p.name for p in (demo.root.parent / "runs" / run_name).glob(f"{run_name}-step*.safetensors"))
+    first = steps[0].removesuffix(".safetensors") if steps else run_name
+    page.locator("#preview-sweep-checkpoints").get_by_text("final").wait_for()
+    page.locator("#preview-sweep").click()
+    page.locator("#preview-status").get_by_text(f"{run_name} at strengths").wait_for(timeout=90_000)
+    grid = page.locator("#preview-sweep-image img")
+    grid.wait_for()
+    page.locator("#preview-sweep-download").wait_for()  # the grid as one PNG
+    click_tile(page, grid, rows=len(steps) + 1, columns=5, row=0, column=4)  # the oldest checkpoint at strength 1
+    page.locator("#preview-tile").get_by_text(f"<lora:{first}:1>").wait_for()
     check_layout(page, shots, "4-preview-images")
-    readme_shot(page, "preview", "#preview-base", "#preview-generate", "#preview-image")
+    readme_shot(page, "preview", "#preview-sweep-checkpoints", "#preview-sweep-image", "#preview-tile")
     page.get_by_role("tab", name="Chat (LLM)").click()
     for control in ("#chat-adapter", "#chat-with", "#chat-without", "#chat-message", "#chat-send"):
         assert page.locator(control).is_visible(), control
     check_layout(page, shots, "5-preview-chat")
 
-    # --- Export: the run's files, download and install controls
+    # --- Export: the run's adapters (the final one picked), files, download and install controls
     open_tab(page, "Export")
     pick(page, "export-run", run_name)
     page.locator("#export-status").get_by_text(f"<lora:{run_name}:0.8>").wait_for()
+    assert page.locator("#export-adapter input").input_value() == "final"
+    if steps:  # an adapter saved along the way: its own tag and header
+        pick(page, "export-adapter", f"step {step_of(Path(steps[0]))}")
+        page.locator("#export-status").get_by_text(f"<lora:{first}:0.8>").wait_for()
+        page.locator("#export-header").get_by_text(steps[0]).wait_for()
+        pick(page, "export-adapter", "final")
+        page.locator("#export-status").get_by_text(f"<lora:{run_name}:0.8>").wait_for()
     page.wait_for_function("""(names) => {  // the file list names them, however it lays the names out
         const listing = document.querySelector('#export-files').innerText.replace(/\\s+/g, '');
         return names.every((name) => listing.includes(name)); }""", arg=[f"{run_name}.safetensors", "config.yaml"])

@@ -1,7 +1,11 @@
-"""Write a first caption for every image in a folder (BLIP sentence and/or CLIP tags) — the Dataset tab's Auto-label.
+"""Write a first caption for every image in a folder — the Dataset tab's Auto-label: a sentence (BLIP, or a VLM
+such as Qwen2.5-VL, Florence-2 or JoyCaption) and/or tags (CLIP, or a WD14 tagger for anime and character sets).
 
-Existing captions are kept unless --overwrite, so hand edits are never lost. Example:
+Existing captions (metadata.csv or .txt sidecars) are kept unless --overwrite, so hand edits are never lost. Examples:
   python tools/auto_label.py --input data/cyberpunk_art --output data/cyberpunk_art/metadata.csv --trigger cyb3rp
+  python tools/auto_label.py --input data/my_oc --mode wd14 --character-threshold 0.7
+  python tools/auto_label.py --input data/photos --mode vlm --vlm-model Qwen/Qwen2.5-VL-3B-Instruct \
+      --instruction "Describe the lighting and the composition in one sentence."
 """
 
 import argparse
@@ -19,11 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="folder of images (.jpg .jpeg .png .webp .bmp)")
     parser.add_argument("--output", help="metadata.csv to write (default INPUT/metadata.csv); with --format txt, "
                                          "the folder for the sidecars (default INPUT)")
-    parser.add_argument("--mode", default=cap.DEFAULT_MODE, choices=cap.MODES, help="default: %(default)s")
+    parser.add_argument("--mode", default=cap.DEFAULT_MODE, choices=cap.MODES,
+                        help="; ".join(f"{name}: {mode.title}" for name, mode in cap.MODES.items()) +
+                        " (default: %(default)s)")
     parser.add_argument("--format", default="csv", choices=cap.FORMATS, help="csv: metadata.csv; txt: kohya sidecars")
     parser.add_argument("--overwrite", action="store_true", help="replace existing captions too")
     parser.add_argument("--trigger", default="", help="word put first in every new caption")
-    parser.add_argument("--max-tags", type=int, default=cap.DEFAULT_MAX_TAGS)
+    parser.add_argument("--max-tags", type=int, default=cap.DEFAULT_MAX_TAGS, help="CLIP tags per image")
     parser.add_argument("--threshold", type=float, default=cap.DEFAULT_THRESHOLD, help="min CLIP cosine similarity")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
@@ -31,6 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-model", help="hub id or local folder (default per backend, see --backends)")
     parser.add_argument("--blip-model", help=f"hub id or local folder (default {cap.DEFAULT_BLIP})")
     parser.add_argument("--vocabulary", default=cap.VOCAB_DIR, help="folder of tag .txt files (default: the project's)")
+    parser.add_argument("--wd14-model", help=f"WD14 tagger: hub id or folder with model.onnx + selected_tags.csv "
+                                             f"(default {cap.DEFAULT_WD14})")
+    parser.add_argument("--general-threshold", type=float, default=cap.DEFAULT_GENERAL_THRESHOLD,
+                        help="min WD14 score of a general tag (default: %(default)s)")
+    parser.add_argument("--character-threshold", type=float, default=cap.DEFAULT_CHARACTER_THRESHOLD,
+                        help="min WD14 score of a character tag (default: %(default)s)")
+    parser.add_argument("--rating-tags", action="store_true", help="put the WD14 rating tag first (dropped by default)")
+    parser.add_argument("--vlm-model", help=f"image-text-to-text model: hub id or folder (default {cap.DEFAULT_VLM})")
+    parser.add_argument("--instruction", default=cap.DEFAULT_INSTRUCTION,
+                        help="what the VLM is asked about each image (default: %(default)s); "
+                             "Florence-2 takes a task prompt such as <DETAILED_CAPTION>")
+    parser.add_argument("--vlm-max-tokens", type=int, default=cap.DEFAULT_MAX_TOKENS,
+                        help="the longest VLM caption, in tokens (default: %(default)s)")
     parser.add_argument("--backends", action="store_true", help="list the backends usable here and exit")
     args = parser.parse_args(argv)
     if args.backends:
@@ -41,11 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input is required")
     configure_environment()
     with exit_on_user_error():
+        models = cap.LabelModels(
+            blip_model=args.blip_model, clip_backend=args.clip_backend, clip_model=args.clip_model,
+            vocabulary=args.vocabulary, threshold=args.threshold, max_tags=args.max_tags, wd14_model=args.wd14_model,
+            general_threshold=args.general_threshold, character_threshold=args.character_threshold,
+            rating_tags=args.rating_tags, vlm_model=args.vlm_model, instruction=args.instruction,
+            vlm_max_tokens=args.vlm_max_tokens)
         report = cap.auto_label(args.input, args.output, mode=args.mode, output_format=args.format,
-                                overwrite=args.overwrite, trigger_word=args.trigger, max_tags=args.max_tags,
-                                threshold=args.threshold, batch_size=args.batch_size, device=args.device,
-                                clip_backend=args.clip_backend, clip_model=args.clip_model,
-                                blip_model=args.blip_model, vocabulary=args.vocabulary, progress=_tqdm_progress())
+                                overwrite=args.overwrite, trigger_word=args.trigger, batch_size=args.batch_size,
+                                device=args.device, models=models, progress=_tqdm_progress())
     print(report.summary())
     return 0
 

@@ -20,7 +20,7 @@ from studio.errors import StudioError
 from studio.fileio import atomic_path
 
 CACHE_DIR = ".studio-cache"  # inside the dataset folder, like kohya's .npz files beside the images
-VERSION = "1"  # bump when cached values change meaning (pixel loading, latent scaling, prompt encoding)
+VERSION = "2"  # bump when cached values change meaning (pixel loading, latent scaling, prompt encoding)
 
 Features = dict[str, torch.Tensor]
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from studio.data.captions import IMAGE_SUFFIXES, list_images, metadata_path_for, read_captions
+from studio.data.captions import (IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, conflicting_captions, list_images,
+                                  metadata_path_for, read_caption_rows)
+from studio.data.dataset_files import CAPTION, DELETE_FILE, REMOVE_ROW
+from studio.data.image_io import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from studio.errors import StudioError
 
-# Files that look like images but that we do not read; named so the user knows to convert them.
-UNSUPPORTED_SUFFIXES = {".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".psd", ".svg", ".jxl", ".raw"}
 MIN_SIDE = 64
 
 
@@ -31,75 +32,90 @@ class DatasetError(StudioError):
 class DatasetItem:
     path: Path
     caption: str
-    size: tuple[int, int]  # (width, height)
+    size: tuple[int, int]  # (width, height) as displayed
+
+
+@dataclass(frozen=True)
+class DatasetIssue:
+    message: str  # what is wrong and how to fix it, naming the file
+    file: str = ""  # the file (or caption row) it is about; "" for the dataset as a whole
+    fix: str | None = None  # REMOVE_ROW, DELETE_FILE or CAPTION (studio.data.dataset_files.apply_fix)
 
 
 @dataclass
 class DatasetReport:
     items: list[DatasetItem] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    issues: list[DatasetIssue] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [issue.message for issue in self.issues]
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.issues
+
+    def add(self, message: str, file: str = "", fix: str | None = None) -> None:
+        self.issues.append(DatasetIssue(message, file, fix))
 
     def raise_if_problems(self) -> None:
-        if self.problems:
+        if self.issues:
             listing = "\n".join(f"  - {p}" for p in self.problems)
-            raise DatasetError(f"The dataset has {len(self.problems)} problem(s); fix them and start again:\n{listing}")
+            raise DatasetError(f"The dataset has {len(self.issues)} problem(s); fix them and start again:\n{listing}")
 
 
-def inspect_dataset(folder: str | Path, metadata_path: str | Path | None = None,
-                    min_side: int = MIN_SIDE) -> DatasetReport:
-    """Check every image and caption; return the usable items and a message per problem."""
+def inspect_dataset(folder: str | Path, metadata_path: str | Path | None = None, min_side: int = MIN_SIDE, *,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> DatasetReport:
+    """Check every image and caption; return the usable items and every problem with its fix."""
     folder = Path(folder)
     report = DatasetReport()
     if not folder.is_dir():
-        report.problems.append(f"Dataset folder {folder} does not exist. Create it and put your images in it.")
+        report.add(f"Dataset folder {folder} does not exist. Create it and put your images in it.")
         return report
     try:
-        captions = read_captions(folder, metadata_path)
+        rows = read_caption_rows(folder, metadata_path)
     except StudioError as exc:
-        report.problems.append(str(exc))
+        report.add(str(exc))
         return report
+    captions, conflicts = dict(rows), conflicting_captions(rows)
     csv_path = metadata_path_for(folder, metadata_path)
     source = csv_path.name if csv_path.is_file() else "a .txt caption file"
 
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in UNSUPPORTED_SUFFIXES:
-            report.problems.append(f"{path.name}: {path.suffix} images are not supported. Convert it to PNG or JPG "
-                                   "(or delete it).")
+            report.add(f"{path.name}: {path.suffix} images are not supported. Convert it to PNG or JPG (or delete "
+                       "it).", path.name, DELETE_FILE)
     images = list_images(folder)
     names = {p.name for p in images}
     for name in sorted(set(captions) - names):
-        report.problems.append(f"{name}: listed in {source} but there is no such image in {folder}. "
-                               "Add the image or remove its row.")
+        report.add(f"{name}: listed in {source} but there is no such image in {folder}. Add the image or remove "
+                   "its row.", name, REMOVE_ROW)
     for path in images:
+        size, problem = _check_image(path, min_side, max_pixels)
         caption = captions.get(path.name)
-        if caption is None:
-            report.problems.append(f"{path.name}: no caption. Add a row to {csv_path.name}, a {path.stem}.txt file, "
-                                   "or run Auto-label.")
-            continue
-        if not caption:
-            report.problems.append(f"{path.name}: the caption is empty. Write one or run Auto-label.")
-            continue
-        size, problem = _check_image(path, min_side)
-        if problem:
-            report.problems.append(problem)
+        if problem:  # before the caption: an unreadable image needs deleting, not captioning
+            report.add(problem, path.name, DELETE_FILE)
+        elif caption is None:
+            report.add(f"{path.name}: no caption. Add a row to {csv_path.name}, a {path.stem}.txt file, or run "
+                       "Auto-label.", path.name, CAPTION)
+        elif not caption:
+            report.add(f"{path.name}: the caption is empty. Write one or run Auto-label.", path.name, CAPTION)
+        elif path.name in conflicts:
+            listing = " / ".join(repr(c) for c in conflicts[path.name])
+            report.add(f"{path.name}: {len(conflicts[path.name])} rows of {source} give it different captions "
+                       f"({listing}). Keep one caption.", path.name, CAPTION)
         else:
             report.items.append(DatasetItem(path, caption, size))
-    if not images and not report.problems:
-        report.problems.append(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). Add some.")
+    if not images and not report.issues:
+        report.add(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}). Add some.")
     return report
 
 
-def _check_image(path: Path, min_side: int) -> tuple[tuple[int, int], str | None]:
+def _check_image(path: Path, min_side: int, max_pixels: int) -> tuple[tuple[int, int], str | None]:
     try:
-        with Image.open(path) as img:
-            img.load()  # decodes fully: catches truncated files that verify() lets through
-            size = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return (0, 0), f"{path.name}: cannot be read as an image ({exc}). Re-export it or delete it."
+        size = read_image(path, max_pixels=max_pixels).size  # as training will read it
+    except ImageReadError as exc:
+        return (0, 0), str(exc)
     if min(size) < min_side:
         return size, (f"{path.name}: {size[0]}x{size[1]} px is too small (at least {min_side} px a side). "
                       "Use a larger image or delete it.")
@@ -155,11 +171,11 @@ def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Imag
     return resized.crop((left, top, left + width, top + height)), (top, left)
 
 
-def load_pixels(path: Path, bucket: tuple[int, int], flip: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The image as a (3, H, W) tensor in [-1, 1] fitted to `bucket`, and the crop's (top, left)."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        fitted, crop = fit_to_bucket(img, bucket)
+def load_pixels(path: Path, bucket: tuple[int, int], flip: bool = False, *, background: str = DEFAULT_BACKGROUND,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The image as displayed (studio.data.image_io), as a (3, H, W) tensor in [-1, 1] fitted to `bucket`, and the
+    crop's (top, left)."""
+    fitted, crop = fit_to_bucket(read_image(path, background=background, max_pixels=max_pixels), bucket)
     if flip:
         fitted = fitted.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(fitted, dtype=np.float32) / 127.5 - 1.0

@@ -1,4 +1,5 @@
-"""The models auto-labelling runs: CLIP (transformers or open_clip) for tags, BLIP for sentences.
+"""The models auto-labelling runs: CLIP (transformers or open_clip) for tags, BLIP for sentences (WD14 taggers and
+VLMs have their own modules, studio.data.wd14 and studio.data.vlm, and load through the helpers here).
 
 Every model and processor is loaded through `load_pretrained`, which turns a model that is not there into one
 StudioError saying what to download and where. Each class loads once and then takes a whole batch of images per call.
@@ -23,12 +24,25 @@ BLIP_GENERATION = {"num_beams": 3, "max_new_tokens": 30, "min_length": 5}  # the
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
-    """Backend name → (usable here, why / what it is). 'clip' and 'open_clip' tag, 'blip' writes sentences."""
+    """Backend name → (usable here, why / what it is). 'clip', 'open_clip' and 'wd14' tag; 'blip' and 'vlm' write
+    sentences."""
     return {
         "clip": (True, f"transformers CLIPModel (default {DEFAULT_CLIP['clip']})"),
         "open_clip": _open_clip_status(),
         "blip": (True, f"transformers BlipForConditionalGeneration (default {DEFAULT_BLIP})"),
+        "wd14": _onnxruntime_status(),
+        "vlm": (True, "transformers AutoModelForImageTextToText: Qwen2.5-VL, Qwen3-VL, SmolVLM, LLaVA (JoyCaption), "
+                      "Florence-2 (florence-community/...)"),
     }
+
+
+@functools.cache
+def _onnxruntime_status() -> tuple[bool, str]:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        return False, f"onnxruntime cannot be imported ({exc}). Install it: pip install -r requirements.txt"
+    return True, f"onnxruntime {onnxruntime.__version__} (SmilingWolf wd-v3 taggers: model.onnx + selected_tags.csv)"
 
 
 @functools.cache
@@ -51,6 +65,11 @@ def load_pretrained(cls, model_id: str, what: str, **kwargs):
         return cls.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as exc:  # transformers: OSError for missing files, ValueError for a wrong folder
         raise missing_model_error(what, model_id, exc) from None
+    except ImportError as exc:  # e.g. Qwen-VL's video processor needs torchvision, which CPU installs leave out
+        reason = " ".join(str(exc).split()).split(". ")[0].rstrip(".") or type(exc).__name__  # its first sentence
+        raise StudioError(f"The {what} model '{model_id}' needs a package that is not installed here: {reason}. "
+                          "On a GPU machine, install the extras (pip install -c constraints.txt -r "
+                          f"requirements-extras.txt); or pick a {what} model that does not need it.") from None
 
 
 def missing_model_error(what: str, model_id: str, exc: Exception) -> StudioError:
@@ -62,6 +81,10 @@ def missing_model_error(what: str, model_id: str, exc: Exception) -> StudioError
         return StudioError(f"The {what} model folder {model_id} does not exist. Give an existing folder or a "
                            "Hugging Face model id.")
     from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import HFValidationError
+    if isinstance(exc, ValueError) and not isinstance(exc, HFValidationError):  # found, but of another kind
+        return StudioError(f"'{model_id}' is not a {what} model this version of transformers can load "
+                           f"({str(exc).splitlines()[0]}). Give another {what} model id or folder.")
     return StudioError(f"The {what} model '{model_id}' is not downloaded: it is not in the Hugging Face cache "
                        f"({HF_HUB_CACHE}) and could not be fetched (offline?). Download it once with "
                        f"`hf download {model_id}`, which puts it in that cache, or give the local folder of a "

@@ -1,4 +1,6 @@
-"""The built-in demo workspace: tiny generated models and datasets, so every tab works with no download.
+"""The built-in demo workspace: tiny models and generated datasets, so every tab works with no download.
+
+The SD1.5 model is pretrained (it draws coloured shapes; the demo dataset teaches it purple); the others are random.
 
 `ensure_demo(root)` builds whatever is missing under `root/demo/` (a few seconds on 2 cores) and reuses it after.
 """
@@ -11,13 +13,13 @@ from typing import Callable
 
 from studio.demo.captioners import build_tiny_blip, build_tiny_clip  # auto-label
 from studio.demo.datasets import build_demo_chat, build_demo_images
-from studio.demo.diffusion import build_tiny_sd15, build_tiny_sdxl
+from studio.demo.diffusion import build_tiny_sdxl, copy_pretrained_sd15
 from studio.demo.flux import build_tiny_flux
 from studio.demo.llm import build_tiny_llama
 from studio.fileio import atomic_dir
 
-# Bump when a builder changes so existing demo folders are rebuilt.
-DEMO_VERSION = "1"
+# Bump when a builder or the pretrained weights change, so existing demo folders are rebuilt.
+DEMO_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class DemoPaths:
         return self.root / "datasets" / "demo-chat"
 
     def builders(self) -> dict[Path, Callable[[Path], Path]]:
-        return {self.sd15: build_tiny_sd15, self.sdxl: build_tiny_sdxl, self.flux: build_tiny_flux,
+        return {self.sd15: copy_pretrained_sd15, self.sdxl: build_tiny_sdxl, self.flux: build_tiny_flux,
                 self.llama: build_tiny_llama,
                 self.images: build_demo_images, self.chat: build_demo_chat,
                 self.clip: build_tiny_clip, self.blip: build_tiny_blip}  # auto-label

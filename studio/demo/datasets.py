@@ -9,8 +9,13 @@ from PIL import Image, ImageDraw
 
 from studio.data.captions import write_csv_captions
 
+# The colours and shapes the demo base model draws (tools/pretrain_demo.py pretrains it on them).
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
-SHAPES = ["circle", "square"]
+SHAPES = ["circle", "square", "triangle"]
+BACKGROUND = (245, 245, 245)
+# What the demo LoRA teaches (build_demo_images): a colour the base model never saw, so a strength sweep shows it.
+TAUGHT_COLOUR = "purple"
+PALETTE = {**COLOURS, TAUGHT_COLOUR: (150, 40, 210)}
 # Mixed aspect ratios so aspect-ratio bucketing has something to do.
 SIZES = [(96, 96), (128, 96), (96, 128)]
 
@@ -25,24 +30,35 @@ DEMO_QA = [
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def draw_shape(shape: str, colour: str, size: tuple[int, int]) -> Image.Image:
-    img = Image.new("RGB", size, (245, 245, 245))
+def draw_shape(shape: str, colour: str | tuple[int, int, int], size: tuple[int, int], scale: float = 0.6,
+               centre: tuple[float, float] = (0.5, 0.5), background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """A flat `colour` (a PALETTE name or RGB) `shape` spanning `scale` of the shorter side, at `centre` (fractions)."""
+    img = Image.new("RGB", size, background)
     w, h = size
-    box = (w * 0.2, h * 0.2, w * 0.8, h * 0.8)
-    draw = ImageDraw.Draw(img)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    r, x, y = scale * min(w, h) / 2, centre[0] * w, centre[1] * h
+    draw, fill = ImageDraw.Draw(img), PALETTE[colour] if isinstance(colour, str) else colour
+    if shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    else:
+        (draw.ellipse if shape == "circle" else draw.rectangle)((x - r, y - r, x + r, y + r), fill=fill)
     return img
 
 
+def caption(colour: str, shape: str) -> str:
+    return f"a {colour} {shape}, flat colour, white background"
+
+
 def build_demo_images(out_dir: str | Path) -> Path:
-    """Eight images (4 colours × 2 shapes) with a metadata.csv of captions."""
+    """Eight images of TAUGHT_COLOUR shapes (sizes and places vary) with a metadata.csv of captions."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     captions = {}
-    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
-        name = f"{colour}_{shape}.png"
-        draw_shape(shape, colour, SIZES[i % len(SIZES)]).save(out_dir / name)
-        captions[name] = f"a {colour} {shape}, flat colour, white background"
+    for i in range(8):
+        shape = SHAPES[i % len(SHAPES)]
+        name = f"{TAUGHT_COLOUR}_{shape}_{i}.png"
+        scale, centre = 0.5 + 0.05 * (i % 4), (0.45 + 0.05 * (i % 3), 0.55 - 0.05 * (i % 3))
+        draw_shape(shape, TAUGHT_COLOUR, SIZES[i % len(SIZES)], scale, centre).save(out_dir / name)
+        captions[name] = caption(TAUGHT_COLOUR, shape)
     write_csv_captions(out_dir / "metadata.csv", captions)
     return out_dir
 

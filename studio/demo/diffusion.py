@@ -1,6 +1,8 @@
-"""Tiny random-weight Stable Diffusion pipelines (SD1.5- and SDXL-shaped), built in under a second, no download.
+"""Tiny Stable Diffusion pipelines (SD1.5- and SDXL-shaped), no download.
 
-Real diffusers classes at toy sizes: a 64 px image is an 8×8 latent, exactly as in the full-size models.
+Real diffusers classes at toy sizes: a 64 px image is an 8×8 latent, exactly as in the full-size models. The SDXL one
+is random; the demo's SD1.5 is `build_tiny_sd15`'s architecture pretrained on coloured shapes by
+tools/pretrain_demo.py (weights committed in PRETRAINED_SD15), so its previews are shapes, not noise.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from studio.demo.tokenizers import build_clip_tokenizer
 
 TEXT_HIDDEN = 32
+PRETRAINED_SD15 = Path(__file__).resolve().parent / "weights" / "tiny-sd15"
 
 
 def _vae() -> AutoencoderKL:
@@ -34,7 +37,14 @@ def _text_config(tokenizer, **extra) -> CLIPTextConfig:
     )
 
 
+def copy_pretrained_sd15(out_dir: str | Path) -> Path:
+    """The demo's SD1.5: the committed pretrained pipeline folder, copied (it draws coloured shapes at 64 px)."""
+    shutil.copytree(PRETRAINED_SD15, out_dir, dirs_exist_ok=True)
+    return Path(out_dir)
+
+
 def build_tiny_sd15(out_dir: str | Path, seed: int = 0) -> Path:
+    """Random weights in the demo architecture: tools/pretrain_demo.py starts from this."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(out_dir)

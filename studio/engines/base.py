@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -84,6 +84,27 @@ class Engine(ABC):
         """Mean loss of a batch; `rng` (CPU) drives all random draws so a resumed run draws the same ones."""
 
     @abstractmethod
+    def held_out_batches(self) -> Iterator[tuple[Any, int]]:
+        """The held-out samples (validation_split / validation_dir) as (batch, weight) in a fixed order, `weight`
+        being what the batch's mean loss averages over; nothing when validation is off."""
+
+    def validation_loss(self) -> float | None:
+        """Mean loss on the held-out samples, or None without any. Eval mode, no gradients, and random draws from a
+        generator seeded from cfg.seed afresh for every pass: the values compare across steps and runs."""
+        rng = torch.Generator().manual_seed(self.cfg.seed)
+        total, weights = 0.0, 0
+        self.train_mode(False)
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast,
+                                                 enabled=self.autocast is not None):
+                for batch, weight in self.held_out_batches():
+                    total += self.loss(batch, rng).item() * weight
+                    weights += weight
+        finally:
+            self.train_mode(True)
+        return total / weights if weights else None
+
+    @abstractmethod
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass instead of keeping them (an out-of-memory back-off)."""
 
@@ -128,3 +149,4 @@ class Engine(ABC):
     def header_facts(self) -> ImageFacts | None:
         """Image runs: the family, dataset and captions behind the header's dataset and ModelSpec fields."""
         return None
+

@@ -30,6 +30,7 @@ from studio.config import RunConfig
 from studio.data.feature_cache import CACHE_DIR, VERSION, DiskCache, Features, file_digest, model_fingerprint
 from studio.data.images import (DatasetItem, augment_caption, bucket_batches, inspect_dataset, load_pixels,
                                 make_buckets, pick_bucket)
+from studio.data.held_out import split_held_out
 from studio.engines.base import Engine, Sample
 from studio.errors import StudioError
 from studio.export.lora_file import save_lora_file
@@ -55,9 +56,8 @@ class DiffusionEngine(Engine):
     # --- setup -------------------------------------------------------------------------------------------------------
     def load(self) -> None:
         cfg = self.cfg
-        report = inspect_dataset(cfg.train_data_dir, cfg.metadata_path)
-        report.raise_if_problems()
-        self.items: list[DatasetItem] = report.items
+        self.items: list[DatasetItem] = self._training_then_held_out()
+        self.validation_batch_size = cfg.batch_size  # fixed: a back-off must not change the held-out noise draws
         self._plain_captions = [augment_caption(item.caption, random.Random(0), trigger_word=self.cfg.trigger_word)
                                 for item in self.items]
         self.weight_dtype = storage_dtype(self.autocast, self.device.type)  # LoRA: fp32 (cast_training_params)
@@ -98,6 +98,24 @@ class DiffusionEngine(Engine):
         self._encoders_offloaded = False
         if self.text_cache is not None:
             self._cache_all_captions()
+
+    def _training_then_held_out(self) -> list[DatasetItem]:
+        """Every image, training ones first and then the held-out ones (from validation_dir or split off by
+        validation_split), so all share the buckets, latent cache and caption cache; `train_count` marks the end
+        of the training ones."""
+        report = inspect_dataset(self.cfg.train_data_dir, self.cfg.metadata_path, max_pixels=self.cfg.max_image_pixels)
+        report.raise_if_problems()
+        if self.cfg.validation_dir:
+            held_report = inspect_dataset(self.cfg.validation_dir, max_pixels=self.cfg.max_image_pixels)
+            held_report.raise_if_problems()
+            items, held = report.items, held_report.items
+        else:
+            items, held = split_held_out(report.items, self.cfg, "images")
+        if held:
+            self.events.emit("log", message=f"{len(held)} held-out image(s) for the validation loss, {len(items)} "
+                                            "to train on.")
+        self.train_count = len(items)
+        return items + held
 
     def _cache_all_captions(self) -> None:
         """Every caption a step can see, encoded up front; then the family's large encoders leave the device."""
@@ -227,18 +245,24 @@ class DiffusionEngine(Engine):
 
     # --- data --------------------------------------------------------------------------------------------------------
     def num_samples(self) -> int:
-        return len(self.items) * self.cfg.repeats
+        return self.train_count * self.cfg.repeats
 
     def batches(self, epoch: int, size: int) -> list[list[int]]:
-        buckets = [self.item_buckets[s % len(self.items)] for s in range(self.num_samples())]
+        buckets = [self.item_buckets[s % self.train_count] for s in range(self.num_samples())]
         return bucket_batches(buckets, size, seed=self.cfg.seed * 100_003 + epoch)
+
+    def held_out_batches(self) -> Iterator[tuple[ImageBatch, int]]:
+        held = range(self.train_count, len(self.items))
+        for group in bucket_batches([self.item_buckets[i] for i in held], self.validation_batch_size, self.cfg.seed):
+            items = [held[i] for i in group]
+            yield self._image_batch(items, [self._plain_captions[i] for i in items], [False] * len(items)), len(items)
 
     def collate(self, indices: list[int], epoch: int) -> ImageBatch:
         cfg = self.cfg
         randomised = cfg.shuffle_tags or cfg.caption_dropout or cfg.random_flip
         items, captions, flips = [], [], []
         for index in indices:
-            items.append(index % len(self.items))
+            items.append(index % self.train_count)
             if not randomised:
                 captions.append(self._plain_captions[items[-1]])
                 flips.append(False)
@@ -248,6 +272,10 @@ class DiffusionEngine(Engine):
                                             shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
                                             caption_dropout=cfg.caption_dropout))
             flips.append(cfg.random_flip and rng.random() < 0.5)
+        return self._image_batch(items, captions, flips)
+
+    def _image_batch(self, items: list[int], captions: list[str], flips: list[bool]) -> ImageBatch:
+        """The batch of images `items` (indices into self.items, one bucket) with these captions and flips."""
         if self.latent_cache is not None:
             latents = torch.stack([self.latent_cache[i] for i in items])
         else:
@@ -267,13 +295,16 @@ class DiffusionEngine(Engine):
             return [{"latents": latent.cpu()} for latent in latents]
 
         keys = [f"latents|{self._cache_id}|{self._digests[i]}|{self.item_buckets[i]}|flip={flip}"
+                f"|background={self.cfg.image_background}"  # transparent pixels are composited on it
                 for i, flip in zip(items, flips)]
         return torch.stack([features["latents"] for features in self.disk_cache.fetch(keys, encode)])
 
     @torch.no_grad()
     def _vae_encode(self, items: list[int], flips: list[bool]) -> torch.Tensor:
         bucket = self.item_buckets[items[0]]
-        pixels = torch.stack([load_pixels(self.items[i].path, bucket, flip)[0] for i, flip in zip(items, flips)])
+        pixels = torch.stack([load_pixels(self.items[i].path, bucket, flip, background=self.cfg.image_background,
+                                          max_pixels=self.cfg.max_image_pixels)[0]
+                              for i, flip in zip(items, flips)])
         vae = self.pipe.vae
         # The distribution's mean, not a sample: deterministic, and identical with or without the cache.
         latents = vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mean
@@ -377,7 +408,7 @@ class DiffusionEngine(Engine):
 
     def header_facts(self) -> ImageFacts:
         return ImageFacts(self.family, self.noise_scheduler.config.get("prediction_type"),
-                          Path(self.cfg.train_data_dir).name, self._plain_captions)
+                          Path(self.cfg.train_data_dir).name, self._plain_captions[:self.train_count])
 
     def _file_names(self, peft_state: dict[str, torch.Tensor]) -> dict[str, str]:
         """peft key → key in the exported file, found by running the real conversion on tensors tagged with their

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -21,9 +22,10 @@ from transformers.pytorch_utils import Conv1D
 
 from studio.adapters import adapter_config
 from studio.config import RunConfig
-from studio.data.text import (Example, Record, collate, ensure_chat_template, pack, raise_problems,
+from studio.data.text import (IGNORE, Example, Record, collate, ensure_chat_template, pack, raise_problems,
                               read_dataset, tokenize_records)
 from studio.engines import packed_attention
+from studio.data.held_out import split_held_out
 from studio.engines.base import Engine, Sample
 from studio.models.causal_lm import load_causal_lm, load_tokenizer, pad_token_id
 from studio.errors import StudioError
@@ -42,24 +44,39 @@ class LLMEngine(Engine):
     def load(self) -> None:
         cfg = self.cfg
         self.check_family_settings(get_family("llm"))
-        report = read_dataset(cfg.train_data_dir, cfg.data_format, cfg.system_prompt)
-        report.raise_if_problems()  # before the model loads: a broken dataset fails in a second, not minutes
+        # Before the model loads: a broken dataset fails in a second, not minutes.
+        self.records, self.held_out_records = self._training_and_held_out()
         self.tokenizer = load_tokenizer(cfg.base_model)
         if ensure_chat_template(self.tokenizer):
             self.events.emit("log", message=f"{cfg.base_model} has no chat template; using the default "
                                             "<|role|> template (saved with the adapter).")
-        self.records = report.records
-        self.examples = self._tokenize(self.records)
+        self._tokenize_all()
         self.model = self._load_model()
         if cfg.init_lora:
             self._load_init_lora(Path(cfg.init_lora))
 
-    def _tokenize(self, records: list[Record]) -> list[Example]:
+    def _training_and_held_out(self) -> tuple[list[Record], list[Record]]:
+        """The training records and the held-out ones (validation_dir, or split off by validation_split)."""
+        cfg = self.cfg
+        report = read_dataset(cfg.train_data_dir, cfg.data_format, cfg.system_prompt)
+        report.raise_if_problems()
+        if cfg.validation_dir:
+            held_report = read_dataset(cfg.validation_dir, cfg.data_format, cfg.system_prompt)
+            held_report.raise_if_problems()
+            return report.records, held_report.records
+        return split_held_out(report.records, cfg, "samples")
+
+    def _tokenize_all(self) -> None:
+        self.examples = self._tokenize(self.records, self.cfg.train_data_dir)
+        self.held_out = self._tokenize(self.held_out_records, self.cfg.validation_dir or "the held-out samples",
+                                       held_out=True) if self.held_out_records else []
+
+    def _tokenize(self, records: list[Record], where: str, held_out: bool = False) -> list[Example]:
         cfg = self.cfg
         data = tokenize_records(records, self.tokenizer, cfg.max_length, cfg.train_on_prompt)
         raise_problems(data.problems)
         if not data.examples:
-            raise_problems([f"{cfg.train_data_dir}: no sample has answer tokens within max_length={cfg.max_length}."
+            raise_problems([f"{where}: no sample has answer tokens within max_length={cfg.max_length}."
                             " Raise max_length."])
         summary = data.summary(cfg.max_length)
         if summary:
@@ -67,9 +84,11 @@ class LLMEngine(Engine):
                              dropped=data.dropped)
         examples = pack(data.examples, cfg.max_length) if cfg.packing else data.examples
         tokens = sum(len(e) for e in examples)
-        self.events.emit("log", message=f"{len(data.examples)} samples, {tokens} tokens"
+        counts = {"samples": len(data.examples), "rows": len(examples), "tokens": tokens}
+        what = "held-out samples" if held_out else "samples"
+        self.events.emit("log", message=f"{len(data.examples)} {what}, {tokens} tokens"
                          + (f", packed into {len(examples)} rows of <= {cfg.max_length}" if cfg.packing else "") + ".",
-                         samples=len(data.examples), rows=len(examples), tokens=tokens)
+                         **({"held_out": counts} if held_out else counts))  # the top-level counts: training only
         return examples
 
     def _load_model(self) -> PeftModel:
@@ -112,7 +131,7 @@ class LLMEngine(Engine):
 
     def apply_length(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.examples = self._tokenize(self.records)
+        self._tokenize_all()
 
     def _load_init_lora(self, path: Path) -> None:
         """Start from an existing peft adapter (its folder or adapter_model.safetensors) trained with this shape."""
@@ -151,6 +170,11 @@ class LLMEngine(Engine):
 
     def collate(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
         return collate([self.examples[i] for i in indices], pad_token_id(self.tokenizer))
+
+    def held_out_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        for start in range(0, len(self.held_out), self.cfg.batch_size):
+            batch = collate(self.held_out[start:start + self.cfg.batch_size], pad_token_id(self.tokenizer))
+            yield batch, int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss is a mean over these tokens
 
     # --- training ----------------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:

@@ -52,6 +52,8 @@ def header_fields(cfg: RunConfig, image: ImageFacts | None, *, steps: int, sampl
         "ss_network_dim": str(cfg.lora_rank), "ss_network_alpha": str(cfg.effective_alpha), "ss_steps": str(steps),
         "ss_num_train_images": str(samples), "ss_training_time_s": f"{seconds:.1f}",
         **settings(cfg, RUN_SETTINGS), "studio_task": cfg.task_type,
+        # kohya's name for batch x processes x accumulation: the samples behind each update
+        "ss_total_batch_size": str(cfg.effective_batch), "studio_num_processes": str(cfg.num_processes),
     }
     return {**fields, **image_fields(cfg, image, finished)} if image else fields
 

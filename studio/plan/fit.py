@@ -119,7 +119,7 @@ def _why(key: str, intent: RunConfig, cfg: RunConfig, plan: MemoryPlan, given: s
         return given or (f"{after}: fits {card} as it is" if plan.fits
                          else f"{after}: kept (nothing the fit may change brings the plan under {card})")
     if key == "gradient_accumulation_steps":
-        return f"{before}→{after}: keeps the effective batch at {cfg.batch_size * after}"
+        return f"{before}→{after}: keeps the effective batch at {cfg.batch_size * after * cfg.num_processes}"
     return f"{before}→{after} to fit {card}" + ("" if plan.fits else " (still over: see the plan)")
 
 

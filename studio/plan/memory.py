@@ -4,6 +4,8 @@ Parameter counts come from the model built on the meta device from its configs; 
 micro-batch there (studio/plan/trace.py). Rows: frozen weights at their storage dtype, LoRA weights, gradients and
 optimizer state, activations of one micro-batch (with or without gradient checkpointing), the backward pass's
 working set, cached text embeddings, and the CUDA context. The verdict compares the sum with the card.
+The plan is per GPU: with num_processes > 1 each GPU holds its own micro-batch of batch_size (and, under
+distributed: fsdp, its shard of an LLM's frozen weights).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
     size = torch.finfo(dtype).bits // 8
     rows = _weight_rows(cfg, family, found, size, on_gpu)
     lora = found.lora_params
-    rows.append(PlanRow("LoRA weights + gradients", lora * 8 / GB, f"{count_text(lora)} parameters, fp32"))
+    # Several processes: the gradients are summed through one flat fp32 buffer beside them.
+    grads = 2 if cfg.num_processes > 1 else 1
+    rows.append(PlanRow("LoRA weights + gradients", lora * 4 * (1 + grads) / GB,
+                        f"{count_text(lora)} parameters, fp32" + (", + all-reduce buffer" if grads > 1 else "")))
     rows.append(PlanRow("optimizer state", lora * OPTIMIZER_BYTES[cfg.optimizer] / GB, cfg.optimizer))
     unit = "px" if cfg.is_image else "tokens"
     ckpt = "with" if cfg.gradient_checkpointing else "without"
@@ -66,16 +71,19 @@ def _weight_rows(cfg: RunConfig, family: str, found: Built, size: int, on_gpu: b
     dtype_name = {4: "fp32", 2: "bf16" if cfg.mixed_precision == "bf16" else "fp16"}[size]
     if not cfg.is_image:
         total = found.frozen["model"]
+        # distributed: fsdp splits the frozen base over the GPUs; each holds its share (ddp: the whole model each)
+        shards = cfg.num_processes if cfg.distributed == "fsdp" else 1
+        where = f", a 1/{shards} shard per GPU" if shards > 1 else ""
         if cfg.load_in_4bit:
             rest = total - found.quantizable
             # peft's k-bit preparation upcasts the unquantized weights to fp32; under autocast the engine puts the
             # embedding tables back to 16-bit, so only the norms stay fp32 (a few MB).
             tables = found.embeddings if size == 2 else 0
-            return [PlanRow("weights, 4-bit layers", found.quantizable * NF4_BYTES / GB,
-                            f"{count_text(found.quantizable)} parameters in NF4"),
-                    PlanRow("weights, embeddings + norms", (tables * size + (rest - tables) * 4) / GB,
-                            f"{count_text(rest)} parameters, embeddings {dtype_name}, norms fp32")]
-        return [PlanRow("weights", total * size / GB, f"{count_text(total)} parameters, {dtype_name}")]
+            return [PlanRow("weights, 4-bit layers", found.quantizable * NF4_BYTES / GB / shards,
+                            f"{count_text(found.quantizable)} parameters in NF4{where}"),
+                    PlanRow("weights, embeddings + norms", (tables * size + (rest - tables) * 4) / GB / shards,
+                            f"{count_text(rest)} parameters, embeddings {dtype_name}, norms fp32{where}")]
+        return [PlanRow("weights", total * size / GB / shards, f"{count_text(total)} parameters, {dtype_name}{where}")]
     recipe = get_family(family).load_recipe()
     rows = []
     for name, params in found.frozen.items():

@@ -27,7 +27,7 @@ def report_plan(cfg: RunConfig, fitted: Fitted | None, events: EventSink) -> Mem
     message = fitted.report() if fitted else f"Memory plan ({plan.source}):\n{plan.table()}"
     events.emit("plan", message=message, family=family, device=hardware.name, planned_peak_gb=plan.peak_gb,
                 signature=run_signature(cfg, family, hardware.name),
-                effective_batch=cfg.batch_size * cfg.gradient_accumulation_steps,
+                effective_batch=cfg.effective_batch,
                 planned_allocated_gb=plan.allocated_gb, reasons=fitted.reasons if fitted else {},
                 rows=[[row.name, row.gb, row.note] for row in plan.rows])
     return plan

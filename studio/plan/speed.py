@@ -26,7 +26,8 @@ class Speed:
 def run_signature(cfg: RunConfig, family: str, device: str) -> dict:
     """What makes two runs' speeds comparable: the `plan` event carries it."""
     return {"family": family, "device": device, "length": cfg.resolution if cfg.is_image else cfg.max_length,
-            "micro_batch": cfg.batch_size, "checkpointing": cfg.gradient_checkpointing}
+            "micro_batch": cfg.batch_size, "checkpointing": cfg.gradient_checkpointing,
+            "processes": cfg.num_processes}
 
 
 def known_speed(runs_dir: Path, signature: dict) -> Speed | None:
@@ -52,7 +53,7 @@ def known_speed(runs_dir: Path, signature: dict) -> Speed | None:
 
 def total_samples(cfg: RunConfig) -> int | None:
     """Samples the run will see: from max_train_steps, else epochs × the image count (None if unknown)."""
-    effective = cfg.batch_size * cfg.gradient_accumulation_steps
+    effective = cfg.effective_batch
     if cfg.max_train_steps:
         return cfg.max_train_steps * effective
     folder = Path(cfg.train_data_dir)

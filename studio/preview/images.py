@@ -1,4 +1,4 @@
-"""Image preview: base model + LoRA adapters at chosen strengths → images.
+"""Image preview: base model + LoRA adapters at chosen strengths → images, and strength × checkpoint sweeps.
 
 `render` is shared by the training loop's sample images and by the studio's Preview tab; `ImagePreviewer` keeps
 one base pipeline loaded and mixes adapters: LoRAs through diffusers' `load_lora_weights` / `set_adapters`, LyCORIS
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import DiffusionPipeline
@@ -18,9 +19,10 @@ from studio.errors import StudioError
 from studio.families import Family, all_families, family_of_pipeline_class
 from studio.hardware import inference_dtype, pick_device
 from studio.models.pipelines import load_pipeline
+from studio.preview.sweep_grid import SWEEP_STRENGTHS, GridLayout, draw_grid
 from studio.tasks import IMAGE_TASK
 
-SWEEP_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MAX_LOADED_LORAS = 12  # kept in the pipeline (a sweep loads one per checkpoint); the least recently used go first
 
 
 def render(pipe: DiffusionPipeline, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int | None = None,
@@ -38,24 +40,16 @@ def render(pipe: DiffusionPipeline, prompt: str, *, negative_prompt: str = "", s
                 **settings).images[0]
 
 
-def grid(images: list[Image.Image]) -> Image.Image:
-    """Images side by side in one row."""
-    width, height = images[0].size
-    sheet = Image.new("RGB", (width * len(images), height), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, (i * width, 0))
-    return sheet
-
-
 class ImagePreviewer:
     """Keeps the last base model loaded; adapters are loaded once each and mixed by strength."""
 
     def __init__(self, device: torch.device | None = None):
         self.device = device or pick_device()
-        self._lock = threading.Lock()  # one generation at a time per previewer: the pipeline is stateful
+        self._lock = threading.RLock()  # one generation (or sweep) at a time per previewer: the pipeline is stateful
         self._base: str | None = None
         self._pipe: DiffusionPipeline | None = None
-        self._adapters: dict[str, str] = {}  # adapter file path -> adapter name in the pipeline
+        self._adapters: dict[str, str] = {}  # adapter file path -> its name in the pipeline; most recently used last
+        self._loaded = 0  # LoRAs loaded so far: each gets a new name
         self._lycoris: dict[str, list] = {}  # LyCORIS file path -> its modules, hooked onto the pipeline's layers
 
     def generate(self, base_model: str, adapters: list[tuple[str, float]], prompt: str, negative_prompt: str = "",
@@ -67,12 +61,23 @@ class ImagePreviewer:
             return render(pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, width=width,
                           height=height)
 
-    def strength_sweep(self, base_model: str, adapter: str, prompt: str, negative_prompt: str = "", seed: int = 0,
-                       steps: int | None = None, width: int | None = None, height: int | None = None,
-                       strengths: tuple[float, ...] = SWEEP_STRENGTHS) -> Image.Image:
-        """The same seed at each strength, as one grid (left: strength 0 = the base model)."""
-        return grid([self.generate(base_model, [(adapter, s)], prompt, negative_prompt, seed, steps, width, height)
-                     for s in strengths])
+    def strength_sweep(self, base_model: str, checkpoints: list[tuple[str, str]], prompt: str,
+                       negative_prompt: str = "", seed: int = 0, steps: int | None = None, width: int | None = None,
+                       height: int | None = None, strengths: tuple[float, ...] = SWEEP_STRENGTHS,
+                       on_tile: Callable[[int, int], None] | None = None) -> tuple[Image.Image, GridLayout]:
+        """One seed for every (checkpoint, strength): `checkpoints` are (label, adapter file) pairs, one row each;
+        strengths across (0 = the base model). `on_tile(done, total)` follows the progress."""
+        tiles, done, total = [], 0, len(checkpoints) * len(strengths)
+        with self._lock:  # the whole grid from one base model, even if another sweep waits
+            for _, adapter in checkpoints:
+                tiles.append([])
+                for strength in strengths:
+                    tiles[-1].append(self.generate(base_model, [(adapter, strength)], prompt, negative_prompt, seed,
+                                                   steps, width, height))
+                    done += 1
+                    if on_tile:
+                        on_tile(done, total)
+        return draw_grid(tiles, [label for label, _ in checkpoints], strengths)
 
     def _pipeline(self, base_model: str) -> DiffusionPipeline:
         if self._base != base_model:
@@ -93,7 +98,7 @@ class ImagePreviewer:
                     if _is_lycoris(Path(key)):
                         self._lycoris[key] = _hook_lycoris(pipe, self._family, Path(key))
                     else:
-                        name = f"adapter_{len(self._adapters)}"
+                        name, self._loaded = f"adapter_{self._loaded}", self._loaded + 1
                         pipe.load_lora_weights(key, adapter_name=name)
                         self._adapters[key] = name
                 except (ValueError, KeyError, RuntimeError) as exc:  # e.g. torch's many-line size mismatch list
@@ -104,9 +109,23 @@ class ImagePreviewer:
         for key, modules in self._lycoris.items():
             for module in modules:
                 module.strength = strengths.get(key, 0.0)
-        if self._adapters:
-            names = list(self._adapters.values())
-            pipe.set_adapters(names, [strengths.get(key, 0.0) for key in self._adapters])
+        self._unload_idle(pipe, strengths)
+        # Only the requested LoRAs run: a sweep loads many checkpoints, and each active one costs compute.
+        active = [key for key in self._adapters if key in strengths]
+        if active:
+            pipe.enable_lora()
+            pipe.set_adapters([self._adapters[key] for key in active], [strengths[key] for key in active])
+        elif self._adapters:
+            pipe.disable_lora()
+
+    def _unload_idle(self, pipe: DiffusionPipeline, requested: dict[str, float]) -> None:
+        """Unload the least recently used LoRAs beyond MAX_LOADED_LORAS: each holds its weights in (GPU) memory."""
+        for key in requested:
+            if key in self._adapters:
+                self._adapters[key] = self._adapters.pop(key)  # now the most recently used
+        idle = [key for key in self._adapters if key not in requested]
+        for key in idle[:max(0, len(self._adapters) - MAX_LOADED_LORAS)]:
+            pipe.delete_adapters(self._adapters.pop(key))
 
 
 def _is_lycoris(path: Path) -> bool:

@@ -16,6 +16,7 @@ from studio.ui.context import Studio
 from studio.ui.dataset_tab import dataset_tab
 from studio.ui.export_tab import export_tab
 from studio.ui.preview_tab import preview_tab
+from studio.ui.runs_table import register_api as register_runs_api
 from studio.ui.train_tab import train_tab
 from studio.workspace import Workspace
 
@@ -30,6 +31,9 @@ CSS = """
    has no class of its own: it is the small button in the row of its run picker. */
 .refresh, .row:has(#export-run) > button.sm {
   flex: 0 0 auto !important; min-width: 0 !important; align-self: center; padding: 6px 10px; font-size: 14px; }
+
+/* Runs table actions: buttons at their own height, centred in the row of the run picker. */
+.runs-action { flex: 0 0 auto !important; min-width: 0 !important; align-self: center; }
 
 /* Config: the YAML editor wraps long lines (the header comment names the hardware) instead of clipping them.
    CodeMirror sees the white-space and measures wrapped lines as its own line wrapping does. */
@@ -84,10 +88,12 @@ def build_app(workspace_root: str | Path, *, with_demo: bool = True) -> tuple[gr
             train_tab(studio, config.yaml)
             preview_tab(studio)
             export_tab(studio)
+        register_runs_api(studio)  # API-only endpoints stay out of the tabs (a gr.Tabs holds only tabs)
         # The dataset picked in the Dataset tab is the one the Config tab fills in.
         data.dataset.change(lambda value: value, data.dataset, config.dataset, api_visibility="private")
         data.on_page_load(app, studio)
         config.on_page_load(app, studio)
+    studio.jobs.resume_queue()  # jobs queued before a restart run now; one that was training is marked interrupted
     return app, studio
 
 

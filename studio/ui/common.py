@@ -44,6 +44,14 @@ def reports_errors(outputs: int) -> Callable:
     return decorate
 
 
+def duration_text(seconds: float) -> str:
+    """1h05m or 3m07s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def choices_update(choices: list, value=None, keep: str | None = None) -> dict:
     """A dropdown update with new choices; keeps the current value `keep` when it is still offered."""
     values = [c[1] if isinstance(c, tuple) else c for c in choices]

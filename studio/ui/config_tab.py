@@ -9,6 +9,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -17,6 +18,7 @@ import yaml
 from studio.config import (FIELDS, TEXT_TASK, coerce_value, field_help, field_type, load_preset, parse_yaml,
                            preset_names)
 from studio.errors import StudioError
+from studio.fileio import write_text_atomic
 from studio.plan.report import gb_text
 from studio.plan.speed import estimate_text, run_signature
 from studio.suggest import suggest_config, suggestion_yaml
@@ -27,13 +29,14 @@ from studio.workspace import check_name
 REASON_COLUMNS = ["key", "value", "why", "what it is"]
 BAR_CELLS = 30
 PRESET_LABELS = {"style": "Style (SD1.5/SDXL)", "character": "Character (SD1.5/SDXL)", "llm-chat": "LLM chat",
-                 "demo-image": "Demo: tiny SD, shapes", "demo-llm": "Demo: tiny Llama, Q&A"}
+                 "demo-image": "Demo: tiny SD, shapes", "demo-llm": "Demo: tiny random Llama (replies are noise)"}
 # The form: the keys most runs touch, a row each line. Every widget is made from the key's schema entry.
 FORM_ROWS = [["base_model", "train_data_dir", "trigger_word", "resolution"],
              ["network_type", "lora_rank", "lora_alpha", "learning_rate"],
              ["batch_size", "gradient_accumulation_steps", "max_train_steps", "epochs"],
-             ["mixed_precision", "gradient_checkpointing", "save_steps", "sample_prompts"]]
+             ["mixed_precision", "gradient_checkpointing", "save_steps", "sample_prompts", "num_processes"]]
 FORM_KEYS = [key for row in FORM_ROWS for key in row]
+GPU_KEY = "num_processes"  # shown as "GPUs", and only where more than one CUDA GPU is present (gpu_choice)
 FORM_STEPS = {"learning_rate": 1e-5}  # the spinner's step where 1 makes no sense
 _KEY_LINE = re.compile(r"(?P<key>[A-Za-z_][\w-]*)\s*:(\s|$)")  # a top-level `key:` line
 
@@ -47,10 +50,16 @@ class ConfigTab:
     base_model: gr.Dropdown
     run_name: gr.Textbox
 
+    status: gr.Markdown
+    gpus: gr.Number
+
     def on_page_load(self, app: gr.Blocks, studio: Studio) -> None:
-        """Detect the hardware (imports torch: after the page is up) and fill the preset's defaults."""
+        """Detect the hardware (imports torch: after the page is up), fill the preset's defaults, and bring back the
+        YAML the editor held (the draft kept in the workspace)."""
         app.load(partial(page_load, studio), [self.preset, self.dataset],
                  [self.hardware, self.dataset, self.base_model, self.run_name], api_visibility="private")
+        app.load(partial(restore_draft, studio), None, [self.status, self.yaml], api_visibility="private")
+        app.load(gpu_choice, None, self.gpus, api_visibility="private")
 
 
 def config_tab(studio: Studio) -> ConfigTab:
@@ -97,14 +106,24 @@ def config_tab(studio: Studio) -> ConfigTab:
         with gr.Accordion("All config keys", open=False):
             gr.Markdown(help_table(list(FIELDS)))
         gr.api(set_config_key, api_name="set_config_key")  # what a form edit does, for scripts: one key into the YAML
+        # The YAML the studio last wrote (Fill, Load), and the edits the user was warned about (inside the tab: a
+        # component directly in gr.Tabs shows up in its tab bar).
+        written, warned = gr.State(""), gr.State(None)
 
     preset.change(partial(preset_defaults, studio), [preset, dataset], [dataset, base_model, run_name],
                   api_visibility="private")
-    fill.click(partial(fill_config, studio), [preset, dataset, base_model, run_name],
-               [status, yaml_box, reasons, memory], api_name="fill_config")
+    # Fill and Load replace the YAML: edits made since the studio last wrote it are only replaced on a second press.
+    fill.click(confirm_replace, [yaml_box, written, warned], warned, api_visibility="private").success(
+        partial(fill_config, studio), [preset, dataset, base_model, run_name], [status, yaml_box, reasons, memory],
+        api_name="fill_config").then(lambda text: text, yaml_box, written, api_visibility="private")
+    run_name.input(partial(rename_run, studio), [run_name, yaml_box], [status, yaml_box], api_visibility="private")
+    yaml_box.change(partial(save_draft, studio), yaml_box, None, api_visibility="private", show_progress="hidden",
+                    trigger_mode="always_last")
     validate.click(partial(validate_config, studio), yaml_box, [status, memory], api_name="validate_config")
     save.click(partial(save_config, studio), [name, yaml_box], [status, saved], api_name="save_config")
-    load.click(partial(load_config, studio), saved, [status, yaml_box, name], api_name="load_config")
+    load.click(confirm_replace, [yaml_box, written, warned], warned, api_visibility="private").success(
+        partial(load_config, studio), saved, [status, yaml_box, name], api_name="load_config").then(
+        lambda text: text, yaml_box, written, api_visibility="private")
     copy.click(partial(copy_command, studio), [saved, yaml_box], [status, command], api_name="copy_command")
     # YAML → form on every change (typing, Fill, Load, a form edit); form → YAML only on the user's own edits
     # (input / blur / submit), so the form's own updates never loop back.
@@ -114,10 +133,19 @@ def config_tab(studio: Studio) -> ConfigTab:
         triggers = [widget.input] if isinstance(widget, (gr.Dropdown, gr.Checkbox)) else [widget.blur, widget.submit]
         gr.on(triggers, partial(set_config_key, key), [widget, yaml_box], [form_status, yaml_box],
               api_visibility="private", show_progress="hidden")
-    return ConfigTab(dataset, yaml_box, hardware, preset, base_model, run_name)
+    return ConfigTab(dataset, yaml_box, hardware, preset, base_model, run_name, status, form[GPU_KEY])
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
+
+def gpu_choice(count: int | None = None):
+    """The GPUs (num_processes) widget: shown, up to `count`, when more than one CUDA GPU is present (count: the
+    number of GPUs; None detects it, which imports torch)."""
+    if count is None:
+        from studio.distributed import gpu_count
+        count = gpu_count()
+    return gr.update(visible=count > 1, maximum=max(count, 1))
+
 
 def page_load(studio: Studio, preset: str, dataset: str | None):
     return (f"**Hardware:** {studio.hardware.summary()}", *preset_defaults(studio, preset, dataset))
@@ -132,6 +160,43 @@ def preset_defaults(studio: Studio, preset: str, dataset: str | None):
     return (choices_update(studio.dataset_choices(), keep=dataset),
             gr.update(choices=models, value=models[0][1] if models else None),
             _fresh_run_name(studio, preset))
+
+
+def confirm_replace(text: str, written: str, warned: str | None) -> str | None:
+    """Let Fill / Load replace the editor's YAML only if it holds nothing the studio did not write, or on the second
+    press for the same edits (a gr.Error stops the event chain and says why)."""
+    text = (text or "").strip()
+    if not text or text == (written or "").strip() or text == warned:
+        return None
+    raise gr.Error("The YAML has edits that this would replace. Save them first (Config name → Save), or press the "
+                   "button again to replace them.", title="Unsaved edits")
+
+
+def draft_path(studio: Studio) -> Path:
+    return studio.workspace.root / ".drafts" / "config.yaml"
+
+
+def save_draft(studio: Studio, text: str) -> None:
+    """The editor's YAML, kept across page reloads and restarts (an emptied editor keeps the last draft)."""
+    if (text or "").strip():
+        write_text_atomic(draft_path(studio), text)
+
+
+def restore_draft(studio: Studio):
+    path = draft_path(studio)
+    if not path.is_file():
+        return gr.skip(), gr.skip()
+    return note("Restored the YAML you were editing (a draft kept in the workspace)."), path.read_text("utf-8")
+
+
+@reports_errors(outputs=2)
+def rename_run(studio: Studio, run_name: str, text: str):
+    """A new run name moves the YAML's output_dir to workspace/runs/<run name>."""
+    if not (text or "").strip():
+        return gr.skip(), gr.skip()
+    out_dir = studio.workspace.run_dir(check_name(run_name, "run name"))
+    return note(f"Outputs go to {out_dir.relative_to(studio.workspace.root)}."), set_yaml_key(text, "output_dir",
+                                                                                               str(out_dir))
 
 
 @reports_errors(outputs=4)
@@ -200,8 +265,8 @@ def form_widget(key: str):
     true/false, a number within its min/max, a box with one line per item for lists, else a textbox."""
     meta = FIELDS[key].metadata
     base, _ = field_type(key)
-    common = dict(label=key, info=field_help(key), value=_form_value(_schema_default(key)),
-                  elem_id=f"config-form-{key}")
+    common = dict(label="GPUs" if key == GPU_KEY else key, info=field_help(key), visible=key != GPU_KEY,
+                  value=_form_value(_schema_default(key)), elem_id=f"config-form-{key}")
     if "choices" in meta:
         return gr.Dropdown(list(meta["choices"]), **common)
     if base is bool:
@@ -362,8 +427,7 @@ def _saved_configs(studio: Studio) -> list[str]:
 
 
 def _fresh_run_name(studio: Studio, preset: str) -> str:
-    taken = set(studio.workspace.list_dirs(studio.workspace.runs))
-    return next(f"{preset}-{i}" for i in range(1, 10_000) if f"{preset}-{i}" not in taken)
+    return studio.index.unique_name(f"{preset}-1")
 
 
 def _show(value) -> str:

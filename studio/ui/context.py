@@ -17,6 +17,8 @@ from studio.config import IMAGE_TASK, RunConfig, parse_yaml
 from studio.errors import StudioError
 from studio.events import FINAL_KINDS, read_events
 from studio.jobs import JobRunner
+from studio.run_adapters import RunAdapter, run_adapters
+from studio.run_index import RunIndex
 from studio.workspace import Workspace, check_name
 
 if TYPE_CHECKING:  # studio.demo loads torch and transformers
@@ -34,6 +36,7 @@ class RunInfo:
     base_model: str = ""
     adapter: Path | None = None  # the exported LoRA file (image) or adapter folder (LLM); None while unfinished
     status: str = "unknown"  # running, done, stopped, failed, or unknown (no events yet)
+    adapters: list[RunAdapter] = field(default_factory=list)  # one per saved step, then the final one: newest last
 
     @property
     def is_image(self) -> bool:
@@ -44,9 +47,17 @@ class RunInfo:
 class Studio:
     workspace: Workspace
     demo: DemoPaths | None = None
-    jobs: JobRunner = field(default_factory=JobRunner)
+    jobs: JobRunner | None = None  # default: one over the workspace's queue and run index
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _chat: dict = field(default_factory=dict)  # (base, adapter) -> chat previewer
+
+    def __post_init__(self):
+        if self.jobs is None:
+            self.jobs = JobRunner(RunIndex(self.workspace.root))
+
+    @property
+    def index(self) -> RunIndex:
+        return self.jobs.index
 
     # --- datasets ----------------------------------------------------------------------------------------------------
     def dataset_choices(self) -> list[tuple[str, str]]:
@@ -107,16 +118,14 @@ class Studio:
             raise StudioError(f"There is no run called '{name}' in {self.workspace.runs}.")
         data = parse_yaml(config.read_text(encoding="utf-8"), str(config))
         info = RunInfo(name, folder, data.get("task_type") or IMAGE_TASK, str(data.get("base_model") or ""))
+        record = self.index.get(name) if self.index else None
         events = read_events(folder / "events.jsonl")
         finals = [e for e in events if e.kind in FINAL_KINDS]
-        snapshot = self.jobs.snapshot()
-        if self.jobs.running and Path(snapshot.output_dir or "/").resolve() == folder:
-            info.status = "running"
-        elif finals:
-            info.status = finals[-1].kind
-        if finals and info.status != "running":  # the first file of the last outcome is the adapter
+        info.status = record.status if record else finals[-1].kind if finals else info.status
+        if finals and info.status in FINAL_KINDS:  # the first file of the last outcome is the adapter
             files = [Path(f) for f in finals[-1].data.get("files", [])]
             info.adapter = next((f for f in files if f.exists() and self._inside(f)), None)
+        info.adapters = run_adapters(folder, info.adapter)
         return info
 
     def _inside(self, path: Path) -> bool:
@@ -138,6 +147,11 @@ class Studio:
                     raise StudioError(f"'{key}' is {value}, outside the workspace ({self.workspace.root}). In the "
                                       "studio, data and outputs live in the workspace; use train.py for other "
                                       "places.") from None
+        out = self.workspace.resolve(cfg.output_dir or self.workspace.runs)
+        if out.parent != self.workspace.runs:  # the queue and the Runs table know a run by its folder's name
+            raise StudioError(f"'output_dir' is {cfg.output_dir}; in the studio a run's outputs go to "
+                              f"{self.workspace.runs}/<run name>. Set the run name in the Config tab (or "
+                              "output_dir: runs/<run name>); use train.py for other places.")
 
     # --- shared heavy objects, loaded on first use --------------------------------------------------------------------
     @cached_property

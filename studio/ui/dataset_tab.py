@@ -1,10 +1,9 @@
 """Dataset tab: create or pick a dataset, upload files, see thumbnails with captions, edit captions, auto-label, and
-the validation report — the same checks training runs before its first step."""
+the validation report — the same checks training runs before its first step — with a fix for each problem; delete
+and rename images (studio.ui.dataset_edit). What a dataset looks like here is studio.ui.dataset_view."""
 
 from __future__ import annotations
 
-import re
-import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -12,24 +11,28 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.data.captions import IMAGE_SUFFIXES, list_images, metadata_path_for, read_captions, write_csv_captions
-from studio.data.text import TEXT_SUFFIXES, list_text_files, read_dataset
+from studio.data.dataset_files import UPLOAD_SUFFIXES, UploadResult, add_uploads, save_caption_table
 from studio.errors import StudioError
-from studio.ui.common import choices_update, error, note, ok, reports_errors
+from studio.ui.common import choices_update, note, ok, reports_errors
 from studio.ui.context import Studio
+from studio.ui.dataset_edit import EDIT_OUTPUTS, edited, editing, file_manager, problem_fixer, wire_file_actions
+from studio.ui.dataset_view import CAPTION_COLUMNS, holds_text, show_dataset
+from studio.ui.dataset_health import health_section
+from studio.ui.tag_editor import tag_editor_section
 
-UPLOAD_SUFFIXES = sorted(IMAGE_SUFFIXES | set(TEXT_SUFFIXES) | {".csv"})
-GALLERY_LIMIT = 200
-CAPTION_COLUMNS = ["filename", "caption"]
 CAPTIONS_LABEL = "Captions (edit, then save)"
-LABEL_MODES = [("BLIP caption + CLIP tags", "caption+tags"), ("BLIP caption", "caption"), ("CLIP tags", "tags")]
+LABEL_MODES = [("BLIP caption + CLIP tags", "caption+tags"), ("BLIP caption", "caption"), ("CLIP tags", "tags"),
+               ("WD14 tagger tags (anime, characters)", "wd14"),
+               ("VLM caption (Qwen-VL, SmolVLM, Florence-2, JoyCaption)", "vlm"),
+               ("VLM caption + WD14 tags", "vlm+wd14")]
 
 
 @dataclass
 class DatasetTab:
     dataset: gr.Dropdown  # value: the dataset folder relative to the workspace root
-    view: list  # what show_dataset fills: gallery, caption table, validation report
-    image_only: list  # what only an image dataset shows (image_controls): gallery, save, auto-label, table header
+    view: list  # what show_dataset fills: gallery, caption table, report, problem list, file picker, gallery names
+    image_only: list  # what only an image dataset shows (image_controls): gallery, save, auto-label, file
+    # management; and last the table, whose header and editability change
 
     def on_page_load(self, app: gr.Blocks, studio: Studio) -> None:
         """Show the preselected dataset when the page opens, not an empty tab under a picked dataset."""
@@ -38,7 +41,7 @@ class DatasetTab:
 
 
 def dataset_tab(studio: Studio) -> DatasetTab:
-    clip_choices, blip_choices = _label_model_choices(studio)
+    choices = _label_model_choices(studio)
     with gr.Tab("Dataset", id="dataset"):
         gr.Markdown("A dataset is a folder of images with captions (`metadata.csv` or a `.txt` beside each image), "
                     "or `.txt`/`.jsonl`/`.json` files for an LLM. The demo datasets are ready to use.")
@@ -51,6 +54,7 @@ def dataset_tab(studio: Studio) -> DatasetTab:
             create = gr.Button("Create", scale=0)
         # The validation report right under the picker: it is what one reads first after picking a dataset.
         report = gr.Markdown(elem_id="dataset-report")
+        fixer = problem_fixer()
         status = gr.Markdown(elem_id="dataset-status")
         upload = gr.UploadButton("⬆ Upload images or text files", file_count="multiple",
                                  file_types=UPLOAD_SUFFIXES, elem_id="dataset-upload")
@@ -62,30 +66,54 @@ def dataset_tab(studio: Studio) -> DatasetTab:
                                      interactive=True, static_columns=[0], wrap=True, max_height=380,
                                      column_widths=["35%", "65%"],
                                      elem_id="caption-table")
-                save = gr.Button("Save captions to metadata.csv", elem_id="save-captions")
-        with gr.Accordion("Auto-label (BLIP captions / CLIP tags)", open=False, elem_id="auto-label") as labelling:
+                save = gr.Button("Save captions", elem_id="save-captions")
+        shown = gr.State([])  # the file names of the gallery's thumbnails, in order
+        files = file_manager()
+        with gr.Accordion("Auto-label (BLIP / VLM captions, CLIP / WD14 tags)", open=False,
+                          elem_id="auto-label") as labelling:
             with gr.Row():
                 mode = gr.Dropdown(LABEL_MODES, value="caption+tags", label="What to write")
                 trigger = gr.Textbox(label="Trigger word (put first)", placeholder="sks_style")
                 overwrite = gr.Checkbox(label="Replace existing captions")
             with gr.Row():
-                clip_model = gr.Dropdown(clip_choices, value=clip_choices[0][1], allow_custom_value=True,
+                clip_model = gr.Dropdown(choices["clip"], value=choices["clip"][0][1], allow_custom_value=True,
                                          label="CLIP model (hub id or folder)")
-                blip_model = gr.Dropdown(blip_choices, value=blip_choices[0][1], allow_custom_value=True,
+                blip_model = gr.Dropdown(choices["blip"], value=choices["blip"][0][1], allow_custom_value=True,
                                          label="BLIP model (hub id or folder)")
+            with gr.Row():  # WD14 tagger
+                wd14_model = gr.Dropdown(choices["wd14"], value=choices["wd14"][0][1], allow_custom_value=True,
+                                         label="WD14 tagger (hub id or folder with model.onnx + selected_tags.csv)")
+                general_threshold = gr.Slider(0, 1, value=choices["general_threshold"], step=0.01,
+                                              label="WD14 general tag threshold")
+                character_threshold = gr.Slider(0, 1, value=choices["character_threshold"], step=0.01,
+                                                label="WD14 character tag threshold")
+            with gr.Row():  # VLM
+                vlm_model = gr.Dropdown(choices["vlm"], value=choices["vlm"][0][1], allow_custom_value=True,
+                                        label="VLM (image-text-to-text hub id or folder)")
+                instruction = gr.Textbox(value=choices["instruction"], label="VLM instruction (Florence-2: a task "
+                                                                            "prompt such as <DETAILED_CAPTION>)")
             label_button = gr.Button("Auto-label", variant="primary", elem_id="auto-label-button")
+        health_section(studio, dataset)
+        tag_edits = tag_editor_section(studio, dataset)
 
-    view = [gallery, table, report]
-    image_only = [gallery, save, labelling, table]
+    view = [gallery, table, report, fixer.problems, files.picked, shown]
+    for edit in tag_edits:  # the caption table shows what a bulk edit wrote (a later Save keeps it)
+        edit.then(partial(show_dataset, studio), dataset, view, api_visibility="private")
+    image_only = [gallery, save, labelling, files.accordion, table]
     dataset.change(partial(show_dataset, studio), dataset, view, api_name="show_dataset")
     dataset.change(partial(image_controls, studio), dataset, image_only, api_visibility="private")
     refresh.click(partial(refresh_datasets, studio), dataset, dataset, api_name="list_datasets")
     create.click(partial(create_dataset, studio), new_name, [status, dataset], api_name="create_dataset")
-    upload.upload(partial(add_files, studio), [dataset, upload], [status, *view], api_name="upload_files").then(
-        partial(image_controls, studio), dataset, image_only, api_visibility="private")  # the upload decides the kind
-    save.click(partial(save_captions, studio), [dataset, table], [status, *view], api_name="save_captions")
-    label_button.click(partial(auto_label, studio), [dataset, mode, overwrite, trigger, clip_model, blip_model],
-                       [status, *view], api_name="auto_label")
+    edit_outputs = [status, dataset, *view]
+    # Unprocessed, so the handler sees each file's own name (gradio's copy drops some characters from it).
+    upload.upload(partial(add_files, studio), [dataset, upload], edit_outputs, api_name="upload_files",
+                  preprocess=False).then(partial(image_controls, studio), dataset, image_only,
+                                         api_visibility="private")  # the upload decides the kind
+    save.click(partial(save_captions, studio), [dataset, table], edit_outputs, api_name="save_captions")
+    label_button.click(partial(auto_label, studio), [dataset, mode, overwrite, trigger, clip_model, blip_model,
+                                                     wd14_model, general_threshold, character_threshold, vlm_model,
+                                                     instruction], edit_outputs, api_name="auto_label")
+    wire_file_actions(studio, dataset, status, view, gallery, shown, fixer, files)
     return DatasetTab(dataset, view, image_only)
 
 
@@ -96,14 +124,21 @@ def _first_dataset(studio: Studio) -> str | None:
     return choices[0][1] if choices else None
 
 
-def _label_model_choices(studio: Studio) -> tuple[list, list]:
-    from studio.data.label_models import DEFAULT_BLIP, DEFAULT_CLIP  # (this module loads transformers)
-    clip = [(f"{DEFAULT_CLIP['clip']} (download)", DEFAULT_CLIP["clip"])]
-    blip = [(f"{DEFAULT_BLIP} (download)", DEFAULT_BLIP)]
+def _label_model_choices(studio: Studio) -> dict:
+    """Model choices per captioner, and the WD14 / VLM defaults (these modules load transformers)."""
+    from studio.data.label_models import DEFAULT_BLIP, DEFAULT_CLIP
+    from studio.data.vlm import DEFAULT_INSTRUCTION, SUGGESTED_VLMS
+    from studio.data.wd14 import DEFAULT_CHARACTER_THRESHOLD, DEFAULT_GENERAL_THRESHOLD, DEFAULT_WD14
+    choices = {"clip": [(f"{DEFAULT_CLIP['clip']} (download)", DEFAULT_CLIP["clip"])],
+               "blip": [(f"{DEFAULT_BLIP} (download)", DEFAULT_BLIP)],
+               "wd14": [(f"{DEFAULT_WD14} (download)", DEFAULT_WD14)],
+               "vlm": [(f"{model} (download; {note})", model) for model, note in SUGGESTED_VLMS.items()],
+               "general_threshold": DEFAULT_GENERAL_THRESHOLD, "character_threshold": DEFAULT_CHARACTER_THRESHOLD,
+               "instruction": DEFAULT_INSTRUCTION}
     if studio.demo:
-        clip.append(("tiny demo CLIP (offline, random labels)", str(studio.demo.clip)))
-        blip.append(("tiny demo BLIP (offline, random labels)", str(studio.demo.blip)))
-    return clip, blip
+        choices["clip"].append(("tiny demo CLIP (offline, random labels)", str(studio.demo.clip)))
+        choices["blip"].append(("tiny demo BLIP (offline, random labels)", str(studio.demo.blip)))
+    return choices
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -119,133 +154,65 @@ def create_dataset(studio: Studio, name: str):
         choices_update(studio.dataset_choices(), value=value)
 
 
-def show_dataset(studio: Studio, value: str | None):
-    """Gallery, caption table and validation report for a dataset."""
-    if not value:
-        return [], _captions_frame({}), ""
-    try:
-        folder = studio.dataset_path(value)
-    except StudioError as exc:
-        return [], _captions_frame({}), error(exc)
-    return _text_view(folder) if _holds_text(folder) else _image_view(folder)
-
-
 def image_controls(studio: Studio, value: str | None):
-    """Gallery, 'Save captions' and Auto-label are for images: a text dataset hides them, and its table is a read-only
-    list of samples (a new, empty dataset shows the image controls)."""
+    """Gallery, 'Save captions', Auto-label and file management are for images: a text dataset hides them, and its
+    table is a read-only list of samples (a new, empty dataset shows the image controls)."""
     try:
-        text = bool(value) and _holds_text(studio.dataset_path(value))
+        text = bool(value) and holds_text(studio.dataset_path(value))
     except StudioError:
         text = False
     table = gr.update(label="Samples (read-only)", interactive=False) if text else \
         gr.update(label=CAPTIONS_LABEL, interactive=True)
-    return gr.update(visible=not text), gr.update(visible=not text), gr.update(visible=not text), table
+    return (*[gr.update(visible=not text)] * 4, table)
 
 
-@reports_errors(outputs=4)
-def add_files(studio: Studio, value: str, files: list[str] | None):
-    folder = studio.dataset_path(value)
-    added, skipped = [], []
-    for upload in files or []:
-        name = _safe_filename(Path(upload).name)
-        suffix = Path(name).suffix.lower()
-        if suffix not in UPLOAD_SUFFIXES or (suffix == ".csv" and name != "metadata.csv"):
-            skipped.append(Path(upload).name)
-            continue
-        target = studio.workspace.resolve(folder / name)
-        if target.parent != folder:
-            raise StudioError(f"{name} would land outside the dataset folder.")
-        shutil.copyfile(upload, target)
-        added.append(name)
-    message = ok(f"Added {len(added)} file(s) to {value}.")
-    if skipped:
-        message += "\n\n" + note(f"Skipped {len(skipped)} file(s) of other types ({', '.join(skipped[:5])}); "
-                                 f"accepted: {', '.join(UPLOAD_SUFFIXES)} (CSV only as metadata.csv).")
-    return (message, *show_dataset(studio, value))
+@reports_errors(outputs=EDIT_OUTPUTS)
+def add_files(studio: Studio, value: str, files: list[dict] | None):
+    """Uploads (gradio's file records: a temporary path and the user's file name) into the dataset."""
+    uploads = [(f["path"], f.get("orig_name") or Path(f["path"]).name) for f in files or []]
+    with editing(studio, value) as target:
+        result = add_uploads(target.folder, uploads)
+    return edited(studio, target, _upload_message(result, target.value))
 
 
-@reports_errors(outputs=4)
+def _upload_message(result: UploadResult, value: str) -> str:
+    message = ok(f"Added {len(result.added)} file(s) to {value}.")
+    if result.captions:
+        message += f" Took {result.captions} caption(s) from the uploaded metadata.csv / .txt files."
+    if result.renamed:
+        pairs = ", ".join(f"{old} → {new}" for old, new in list(result.renamed.items())[:5])
+        message += "\n\n" + note(f"Renamed {len(result.renamed)} file(s) to names every file system accepts "
+                                 f"(captions follow): {pairs}.")
+    if result.skipped:
+        message += "\n\n" + note(f"Skipped {len(result.skipped)} file(s) of other types "
+                                 f"({', '.join(result.skipped[:5])}); accepted: {', '.join(UPLOAD_SUFFIXES)} (CSV "
+                                 "only as metadata.csv).")
+    return message + "".join("\n\n" + note(text) for text in result.notes)
+
+
+@reports_errors(outputs=EDIT_OUTPUTS)
 def save_captions(studio: Studio, value: str, table: pd.DataFrame | None):
-    folder = studio.dataset_path(value)
-    images = {p.name for p in list_images(folder)}
-    if not images:
-        raise StudioError(f"{value} holds no images: only image datasets have captions.")
-    try:
-        captions = read_captions(folder)
-    except StudioError:
-        captions = {}  # a broken metadata.csv: the table replaces it
     rows = table.values.tolist() if table is not None else []
-    captions.update({str(name).strip(): str(caption or "").strip() for name, caption in rows
-                     if str(name).strip() in images})
-    path = write_csv_captions(metadata_path_for(folder), captions)
-    return (ok(f"Saved {len(captions)} caption(s) to {path.relative_to(studio.workspace.root)}."),
-            *show_dataset(studio, value))
+    with editing(studio, value) as target:
+        saved = save_caption_table(target.folder, rows)
+    return edited(studio, target, ok(f"Saved {saved} changed caption(s) in {target.value}."))
 
 
-@reports_errors(outputs=4)
+@reports_errors(outputs=EDIT_OUTPUTS)
 def auto_label(studio: Studio, value: str, mode: str, overwrite: bool, trigger: str, clip_model: str,
-               blip_model: str, progress=gr.Progress()):
-    from studio.data.captioning import auto_label as label_images  # loads torch/transformers on first use
+               blip_model: str, wd14_model: str, general_threshold: float, character_threshold: float,
+               vlm_model: str, instruction: str, progress=gr.Progress()):
+    from studio.data.captioning import LabelModels, auto_label as label_images  # loads torch/transformers
 
-    folder = studio.dataset_path(value)
     progress(0, desc="Loading the labelling models...")
 
     def report_progress(done: int, total: int, per_s: float) -> None:
         progress((done, total), desc=f"Labelling ({per_s:.1f} images/s)", unit="images")
 
-    result = label_images(folder, mode=mode, overwrite=bool(overwrite), trigger_word=trigger or "",
-                          clip_model=clip_model or None, blip_model=blip_model or None, progress=report_progress)
-    return (ok(result.summary().replace("\n", "  \n")), *show_dataset(studio, value))
-
-
-# --- views -----------------------------------------------------------------------------------------------------------
-
-def _holds_text(folder: Path) -> bool:
-    """A text (LLM) dataset: text files and no images."""
-    return not list_images(folder) and bool(list_text_files(folder))
-
-
-def _image_view(folder: Path):
-    from studio.data.images import inspect_dataset  # loads torch: only when a dataset is shown
-
-    report = inspect_dataset(folder)
-    try:
-        captions = read_captions(folder)
-    except StudioError:
-        captions = {}
-    images = list_images(folder)
-    rows = {p.name: captions.get(p.name, "") for p in images}
-    gallery = [(str(p), captions.get(p.name) or "(no caption)") for p in images[:GALLERY_LIMIT]]
-    return gallery, _captions_frame(rows), _report_markdown(report.problems, f"{len(report.items)} image(s), "
-                                                            "all captioned and readable: ready to train.")
-
-
-def _text_view(folder: Path):
-    report = read_dataset(folder)
-    rows = [[r.source, _record_preview(r)] for r in report.records[:GALLERY_LIMIT]]
-    frame = pd.DataFrame(rows or [["", ""]], columns=["sample", "text"])
-    return [], frame, _report_markdown(report.problems, f"{len(report.records)} text sample(s): ready to train.")
-
-
-def _record_preview(record) -> str:
-    if record.messages:
-        return " / ".join(f"{m['role']}: {m['content']}" for m in record.messages if m["role"] != "system")[:300]
-    return (record.text or "")[:300]
-
-
-def _captions_frame(rows: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame(list(rows.items()) or [["", ""]], columns=CAPTION_COLUMNS)
-
-
-def _report_markdown(problems: list[str], fine: str) -> str:
-    if not problems:
-        return ok(fine)
-    listing = "\n".join(f"- {p}" for p in problems[:100])
-    more = f"\n- ... and {len(problems) - 100} more" if len(problems) > 100 else ""
-    return f"### ⚠ {len(problems)} problem(s) — training will not start until they are fixed\n{listing}{more}"
-
-
-def _safe_filename(name: str) -> str:
-    """The upload's base name with anything but letters, digits, '.', '-' and '_' replaced (no path parts)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".")
-    return cleaned or "upload"
+    models = LabelModels(clip_model=clip_model or None, blip_model=blip_model or None, wd14_model=wd14_model or None,
+                         general_threshold=general_threshold, character_threshold=character_threshold,
+                         vlm_model=vlm_model or None, instruction=instruction or "")
+    with editing(studio, value) as target:
+        result = label_images(target.folder, mode=mode, overwrite=bool(overwrite), trigger_word=trigger or "",
+                              models=models, progress=report_progress)
+    return edited(studio, target, ok(result.summary().replace("\n", "  \n")))

@@ -1,4 +1,5 @@
-"""Export tab: a run's adapter header (family, rank, alpha, steps... as a table), its files as download links,
+"""Export tab: a run's adapters (the final one and those saved at steps along the way; the picked one is exported,
+downloaded and inspected), its header (family, rank, alpha, steps... as a table), the run's files as download links,
 copying an image LoRA into a WebUI/ComfyUI LoRA folder, and merging an LLM adapter into its base model (the merged
 folder is offered as a zip)."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import html
 import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from urllib.parse import quote
@@ -14,6 +16,7 @@ import gradio as gr
 
 from studio.errors import StudioError
 from studio.export.install import folder_hint, install_lora, prompt_tag
+from studio.run_adapters import step_of
 from studio.ui.adapter_header import header_table
 from studio.ui.common import choices_update, error, note, ok, reports_errors
 from studio.ui.context import RunInfo, Studio
@@ -26,6 +29,8 @@ def export_tab(studio: Studio) -> None:
     with gr.Tab("Export", id="export") as tab:
         with gr.Row(equal_height=True):
             run = gr.Dropdown(studio.run_choices(), label="Run", scale=3, allow_custom_value=True, elem_id="export-run")
+            adapter = gr.Dropdown([], label="Adapter: the final one, or one saved at a step", scale=2,
+                                  allow_custom_value=True, elem_id="export-adapter")
             refresh = gr.Button("↻ Refresh", size="sm", scale=0)
         status = gr.Markdown(elem_id="export-status")
         with gr.Row():
@@ -48,16 +53,23 @@ def export_tab(studio: Studio) -> None:
                                          elem_id="export-merge")
         files = gr.JSON(visible=False)  # the listed files' paths: /export_run's second output for API clients
 
+    # The adapter is the last input of each API call, so scripts that name only the run get its final adapter.
     outputs = [status, files, download, install_group, merge_button]
-    details = (partial(show_run_details, studio), run, [header, listing])
-    run.change(partial(show_run, studio), run, outputs, api_name="export_run").then(*details, api_name="export_details")
+    shown = (partial(show_run, studio), [run, adapter], outputs)
+    details = (partial(show_run_details, studio), [run, adapter], [header, listing])
+    adapters = (partial(adapter_choices, studio), [run, adapter], adapter)  # keeps the picked one
+    run.change(partial(adapter_choices, studio), run, adapter, api_visibility="private").then(
+        *shown, api_name="export_run").then(*details, api_name="export_details")
+    adapter.input(*shown, api_visibility="private").then(*details, api_visibility="private")
     for trigger in (refresh.click, tab.select):  # the dropdown shows a run from the start: show it, up to date
         trigger(partial(refresh_runs, studio), run, run, api_visibility="private").then(
-            partial(show_run, studio), run, outputs, api_visibility="private").then(*details, api_visibility="private")
-    install_button.click(partial(install, studio), [run, lora_dir, overwrite], status, api_name="install_lora")
-    merge_button.click(partial(merge_into_base, studio), run, outputs, api_name="merge_adapter").then(
+            *adapters, api_visibility="private").then(*shown, api_visibility="private").then(
+            *details, api_visibility="private")
+    install_button.click(partial(install, studio), [run, lora_dir, overwrite, adapter], status,
+                         api_name="install_lora")
+    merge_button.click(partial(merge_into_base, studio), [run, adapter], outputs, api_name="merge_adapter").then(
         *details, api_visibility="private")
-    check_button.click(partial(self_test, studio), [run, check_path], status, api_name="check_lora")
+    check_button.click(partial(self_test, studio), [run, check_path, adapter], status, api_name="check_lora")
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -66,12 +78,35 @@ def refresh_runs(studio: Studio, current: str | None):
     return choices_update(studio.run_choices(), keep=current)
 
 
+def adapter_choices(studio: Studio, name: str | None, current: str | None = None):
+    """The run's adapters, "step 400" … "final"; picked: `current` if the run has it, else the newest."""
+    try:
+        adapters = studio.run(name).adapters if name else []
+    except StudioError:
+        adapters = []  # show_run says why
+    names = [adapter.path.name for adapter in adapters]
+    return gr.update(choices=[(adapter.label, adapter.path.name) for adapter in adapters],
+                     value=current if current in names else (names[-1] if names else None))
+
+
+def picked(studio: Studio, name: str, adapter: str | None) -> RunInfo:
+    """The run with the picked adapter (its file or folder name; empty: the newest, the final one once the run has
+    finished) as `adapter`: every action of this tab applies to it."""
+    info = studio.run(name)
+    if not adapter:
+        return replace(info, adapter=info.adapters[-1].path) if info.adapters else info
+    chosen = next((a for a in info.adapters if a.path.name == adapter), None)
+    if chosen is None:
+        raise StudioError(f"'{name}' has no adapter called {adapter}. Pick one from the Adapter list.")
+    return replace(info, adapter=chosen.path)
+
+
 @reports_errors(outputs=5)
-def show_run(studio: Studio, name: str | None):
+def show_run(studio: Studio, name: str | None, adapter: str | None = None):
     """Summary, files and download of a run; the install controls for image LoRAs, merge for LLM adapters."""
     if not name:
         return "", [], *[gr.update(visible=False)] * 3
-    info = studio.run(name)
+    info = picked(studio, name, adapter)
     download = _download_target(info.adapter)
     if merged := _merged_folder(info):
         _download_target(merged, archive_suffix="")  # <run>-merged.zip, listed with the run's files
@@ -81,10 +116,10 @@ def show_run(studio: Studio, name: str | None):
             gr.update(visible=finished and info.is_image), gr.update(visible=finished and not info.is_image))
 
 
-def show_run_details(studio: Studio, name: str | None) -> tuple[str, str]:
+def show_run_details(studio: Studio, name: str | None, adapter: str | None = None) -> tuple[str, str]:
     """The adapter's header as a table and the run's files as download links (after show_run made the zips)."""
     try:
-        info = studio.run(name) if name else None
+        info = picked(studio, name, adapter) if name else None
     except StudioError:
         info = None  # show_run has already said why
     if info is None:
@@ -93,8 +128,8 @@ def show_run_details(studio: Studio, name: str | None) -> tuple[str, str]:
 
 
 @reports_errors(outputs=1)
-def install(studio: Studio, name: str, lora_dir: str, overwrite: bool):
-    info = studio.run(name)
+def install(studio: Studio, name: str, lora_dir: str, overwrite: bool, adapter: str | None = None):
+    info = picked(studio, name, adapter)
     if not info.is_image or info.adapter is None:
         raise StudioError(f"'{name}' has no image LoRA to install ({info.status}). Pick a finished image run.")
     target = install_lora(info.adapter, lora_dir, overwrite=bool(overwrite))
@@ -104,11 +139,11 @@ def install(studio: Studio, name: str, lora_dir: str, overwrite: bool):
 
 
 @reports_errors(outputs=1)
-def self_test(studio: Studio, name: str, path: str):
+def self_test(studio: Studio, name: str, path: str, adapter: str | None = None):
     """The export self-test of the run's adapter, or of any LoRA file, against the run's base model."""
     from studio.export.selftest import check_against_base  # loads diffusers on first use
 
-    info = studio.run(name)
+    info = picked(studio, name, adapter)
     if not info.is_image:
         raise StudioError(f"'{name}' is an LLM run; the self-test checks image LoRAs. Pick an image run.")
     target = Path(path.strip()) if path and path.strip() else info.adapter
@@ -120,16 +155,16 @@ def self_test(studio: Studio, name: str, path: str):
 
 
 @reports_errors(outputs=5)
-def merge_into_base(studio: Studio, name: str):
+def merge_into_base(studio: Studio, name: str, adapter: str | None = None):
     from studio.export.peft_merge import merge_adapter  # loads transformers/peft on first use
 
-    info = studio.run(name)
+    info = picked(studio, name, adapter)
     if info.is_image or info.adapter is None or not info.adapter.is_dir():
         raise StudioError(f"'{name}' is not a finished LLM run; merging applies to LLM adapters. Image LoRAs "
                           "are used as they are (see 'Copy into the LoRA folder').")
-    target = info.folder / f"{info.name}-merged"
+    target = info.folder / _merged_names(info)[0]
     merge_adapter(info.adapter, target, base_model=info.base_model or None)
-    summary, *rest = show_run(studio, name)
+    summary, *rest = show_run(studio, name, adapter)
     return (ok(f"Merged into {target.relative_to(studio.workspace.root)}: a full model that loads with "
                "`AutoModelForCausalLM.from_pretrained` without peft.") + "\n\n" + summary, *rest)
 
@@ -139,6 +174,9 @@ def merge_into_base(studio: Studio, name: str):
 def _run_summary(studio: Studio, info: RunInfo) -> str:
     kind = "image LoRA" if info.is_image else "LLM adapter"
     lines = [f"**{info.name}** — {kind}, {info.status}; base model `{info.base_model}`"]
+    step = step_of(info.adapter) if info.adapter is not None else None
+    if step is not None:
+        lines.append(note(f"This is the adapter saved at step {step}; pick another one in the Adapter list."))
     if info.adapter is None:
         lines.append(note("No adapter yet: the run has not finished." if info.status in ("running", "unknown") else
                           f"No adapter: the run {info.status} before it exported one."))
@@ -169,11 +207,18 @@ def _run_files(info: RunInfo) -> list[str]:
     return [str(p) for p in files[:FILE_LIMIT]]
 
 
+def _merged_names(info: RunInfo) -> list[str]:
+    """Where the LLM adapter's merged model goes, first the Merge button's folder: for the final adapter
+    <run>-merged/, and <adapter>-merged/ from save_merged_model (the same unless the run set an output_name); for an
+    adapter saved at a step, <adapter>-merged/."""
+    final = info.adapter is None or step_of(info.adapter) is None
+    names = [info.name] * final + ([info.adapter.name] if info.adapter is not None else [])
+    return [f"{name}-merged" for name in dict.fromkeys(names)]
+
+
 def _merged_folder(info: RunInfo) -> Path | None:
-    """The LLM run's merged model, if there is one: <run>-merged/ from the Merge button, <adapter>-merged/ from
-    save_merged_model (the same folder unless the run set an output_name)."""
-    names = {info.name} | ({info.adapter.name} if info.adapter is not None else set())
-    folders = [info.folder / f"{name}-merged" for name in sorted(names)]
+    """The LLM adapter's merged model, if there is one."""
+    folders = [info.folder / name for name in _merged_names(info)]
     return next((f for f in folders if f.is_dir()), None) if not info.is_image else None
 
 
@@ -213,7 +258,8 @@ def _file_links(info: RunInfo, paths: list[str]) -> str:
     nothing in it removes or hides a file."""
     if not paths:
         return ""
-    roles = {info.adapter: "the adapter", _archive(info.adapter, ADAPTER_ZIP): "the adapter folder, zipped",
+    roles = {**{a.path: f"the adapter saved at {a.label}" for a in info.adapters if a.step is not None},
+             info.adapter: "the adapter", _archive(info.adapter, ADAPTER_ZIP): "the adapter folder, zipped",
              _archive(_merged_folder(info), ""): "the merged model (a full model without peft), zipped",
              info.folder / "config.yaml": "the run's settings: train.py --config reproduces it",
              info.folder / "events.jsonl": "the training log, one event a line"}

@@ -1,5 +1,6 @@
-"""Train tab: start / cancel the one background job (studio.jobs.JobRunner) and watch it — progress, ETA, loss curve,
-log, samples. A timer polls the job's snapshot, so reloading the page reattaches to a running job."""
+"""Train tab: start, queue and cancel jobs of the one background trainer (studio.jobs.JobRunner) and watch one —
+progress, ETA, training and validation loss, log, samples — with the Runs table below. A timer polls the job's
+state, so reloading the page reattaches to a running job; an opened run shows its own state, never another's."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pandas as pd
 
 from studio.errors import StudioError
 from studio.jobs import JobState
-from studio.ui.common import error, note, ok, reports_errors
-from studio.ui.config_tab import parse_config
+from studio.ui.common import duration_text, error, note, ok, reports_errors
 from studio.ui.context import Studio
+from studio.ui.runs_table import add_to_queue, prepared_config, runs_frame, runs_table
 
 POLL_SECONDS = 1.0
 # Keeps the log scrolled to its newest line, unless the reader scrolled up (then it waits until they are back at the
@@ -31,8 +32,10 @@ FOLLOW_LOG_JS = """() => setTimeout(() => {
   }
   if (box.dataset.follow === '1') box.scrollTop = box.scrollHeight;
 }, 100)"""
-STATUS_TEXT = {"idle": "No training yet", "running": "Training", "stopping": "Stopping at the next step",
-               "done": "Finished", "stopped": "Stopped", "failed": "Failed"}
+STATUS_TEXT = {"idle": "No training yet", "queued": "Queued", "running": "Training",
+               "stopping": "Stopping at the next step", "done": "Finished", "stopped": "Stopped", "failed": "Failed",
+               "interrupted": "Interrupted"}
+VIEW_OUTPUTS = 10
 
 
 @dataclass
@@ -42,37 +45,48 @@ class TrainTab:
 
 def train_tab(studio: Studio, config_yaml: gr.Code) -> TrainTab:
     with gr.Tab("Train", id="train"):
-        gr.Markdown("Trains the config from the **Config** tab in the background. One job at a time; you can "
-                    "close or reload the page, the job keeps running.")
+        gr.Markdown("Trains the config from the **Config** tab in the background, one job at a time: **Start** runs "
+                    "it now, **Add to queue** after the jobs before it. You can close or reload the page; jobs keep "
+                    "running, and queued ones survive a restart of the studio.")
         with gr.Row():
             start = gr.Button("▶ Start training", variant="primary", elem_id="start-training")
+            queue = gr.Button("+ Add to queue", elem_id="queue-training")
             stop = gr.Button("■ Cancel", variant="stop", elem_id="stop-training")
+            sample_now = gr.Button("Sample now", size="sm", elem_id="sample-now")
+            save_now = gr.Button("Save now", size="sm", elem_id="save-now")
         action = gr.Markdown(elem_id="train-action")
         status = gr.Markdown(elem_id="train-status")
         progress = gr.HTML(_progress_html(JobState()), elem_id="train-progress")
         with gr.Row():
-            losses = gr.LinePlot(_loss_frame(JobState()), x="step", y="loss", title="Training loss", height=280,
-                                 scale=3, elem_id="loss-plot")
+            losses = gr.LinePlot(_loss_frame(JobState()), x="step", y="loss", color="series", title="Loss",
+                                 height=280, scale=3, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=3, height=280, scale=2, elem_id="train-samples")
         replies = gr.Markdown(elem_id="train-replies")
         log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="train-log")
         commands = gr.Markdown(elem_id="train-commands")
+        runs = runs_table(studio, "train", config_yaml)
         seen = gr.State(None)  # what this page shows already; an unchanged job is not redrawn
         timer = gr.Timer(POLL_SECONDS)
 
-        def training_status() -> dict:
-            """The job's snapshot as plain data (status, step, total, it_per_s, eta_s, losses, log, samples, files)."""
-            return asdict(studio.jobs.snapshot())
+        def training_status(run: str = "") -> dict:
+            """A job's state as plain data (status, step, total, it_per_s, eta_s, losses, val_losses, log, samples,
+            files, error): the run named, or the current (last) job."""
+            return asdict(studio.jobs.state_of(run) if run else studio.jobs.snapshot())
 
         gr.api(training_status, api_name="training_status")
 
-    view = [status, progress, losses, samples, replies, log, commands, seen]
+    view = [status, progress, losses, samples, replies, log, commands, start, runs.table, seen]
     # The last start's message (often an error) is cleared first: it must not sit under the new start's progress.
-    start.click(None, None, action, js="() => ''").then(partial(start_training, studio), config_yaml, action,
-                                                           api_name="start_training")
+    # Starting or queueing shows the current job again (an opened run is no longer pinned).
+    start.click(None, None, [action, runs.opened], js="() => ['', '']").then(
+        partial(start_training, studio), config_yaml, action, api_name="start_training")
+    queue.click(None, None, [action, runs.opened], js="() => ['', '']").then(
+        partial(queue_training, studio), config_yaml, action, api_name="queue_training")
     stop.click(partial(stop_training, studio), None, action, api_name="stop_training")
-    timer.tick(partial(poll, studio), seen, view, show_progress="hidden", api_visibility="private").then(
-        None, js=FOLLOW_LOG_JS)
+    sample_now.click(partial(request_now, studio, "sample"), None, action, api_name="sample_now")
+    save_now.click(partial(request_now, studio, "save"), None, action, api_name="save_now")
+    timer.tick(partial(poll, studio), [runs.opened, seen], view, show_progress="hidden",
+               api_visibility="private").then(None, js=FOLLOW_LOG_JS)
     return TrainTab(status)
 
 
@@ -80,14 +94,15 @@ def train_tab(studio: Studio, config_yaml: gr.Code) -> TrainTab:
 
 @reports_errors(outputs=1)
 def start_training(studio: Studio, text: str):
-    fitted = parse_config(studio, text)
-    cfg = fitted.cfg
-    out = Path(cfg.output_dir)
-    if (out / "config.yaml").is_file() and not cfg.resume_from and not studio.jobs.running:
-        raise StudioError(f"{out.name} already holds a run. Give this one another run name in the Config tab, "
-                          "or add `resume_from: latest` to continue it.")
-    studio.jobs.start(cfg, fitted)  # refuses with a message while another job runs
-    return ok(f"Started '{cfg.name}'. Progress shows below; outputs go to {cfg.output_dir}.")
+    cfg, fitted, renamed = prepared_config(studio, text)
+    studio.jobs.start(cfg, fitted)  # refuses with a message while another job trains
+    return ok(f"{renamed} Started '{cfg.name}'. Progress shows below; outputs go to {cfg.output_dir}.".strip())
+
+
+@reports_errors(outputs=1)
+def queue_training(studio: Studio, text: str):
+    queued = add_to_queue(studio, text)
+    return ok(f"{queued['message']} It starts when the jobs before it have ended (see Runs).")
 
 
 def stop_training(studio: Studio):
@@ -96,16 +111,29 @@ def stop_training(studio: Studio):
     return note("No training is running.")
 
 
-def poll(studio: Studio, seen):
-    """Everything the tab shows about the job; skipped (no redraw) while nothing changed since `seen`."""
-    state = studio.jobs.snapshot()
-    key = (state.status, state.step, len(state.log), len(state.samples))
+@reports_errors(outputs=1)
+def request_now(studio: Studio, what: str):
+    """Sample now / Save now: a flag the loop reads after the current update."""
+    if studio.jobs.request(what):
+        return note("Rendering samples after the current step." if what == "sample" else
+                    "Saving a checkpoint and the adapter so far after the current step.")
+    return note("No training is running.")
+
+
+def poll(studio: Studio, opened: str, seen):
+    """Everything the tab shows about the job it follows (the opened run, else the current one), and the Runs table;
+    skipped (no redraw) while nothing changed since `seen`."""
+    state = studio.jobs.state_of(opened) if opened else studio.jobs.snapshot()
+    table = runs_frame(studio)
+    key = (state.run, state.status, state.step, len(state.log), len(state.samples), len(state.val_losses),
+           studio.jobs.busy, table.to_json())
     if key == seen:
-        return [gr.skip()] * 8
+        return [gr.skip()] * VIEW_OUTPUTS
     images = _sample_images(state)
     return (_status_markdown(state), _progress_html(state), _loss_frame(state),
             gr.update(value=images, visible=bool(images) or not state.samples),
-            _sample_replies(state), "\n".join(state.log), _commands(state), key)
+            _sample_replies(state), "\n".join(state.log), _commands(state),
+            gr.update(interactive=not studio.jobs.busy), table, key)
 
 
 # --- views -----------------------------------------------------------------------------------------------------------
@@ -115,7 +143,11 @@ def _status_markdown(state: JobState) -> str:
     if state.status == "idle":
         return note(f"{text}. Fill a config in the Config tab, then press Start.")
     if state.status == "failed":
-        return error(state.error or "Training failed; see the log.")
+        return error(f"{state.name}: {state.error}" if state.error else "Training failed; see the log.")
+    if state.status == "interrupted":
+        return error(f"{state.name} was interrupted: {state.error} Select it under Runs and press Resume.")
+    if state.status == "queued":
+        return note(f"{text}: **{html.escape(state.name)}** starts when the jobs before it have ended.")
     name = f" **{html.escape(state.name)}**"
     if state.status in ("done", "stopped"):
         adapter = f" Adapter: `{state.files[0]}`" if state.files else ""
@@ -129,7 +161,7 @@ def _progress_html(state: JobState) -> str:
     if state.it_per_s:
         parts.append(f"{state.it_per_s:.2f} it/s")
     if state.eta_s is not None and state.status in ("running", "stopping"):
-        parts.append(f"ETA {_duration(state.eta_s)}")
+        parts.append(f"ETA {duration_text(state.eta_s)}")
     if state.losses:
         parts.append(f"loss {state.losses[-1][1]:.4f}")
     if state.peak_gb is not None or state.planned_gb is not None:
@@ -140,9 +172,12 @@ def _progress_html(state: JobState) -> str:
 
 
 def _loss_frame(state: JobState) -> pd.DataFrame:
-    """Numeric columns even when empty: the plot picks its axis types from the first value it gets."""
-    steps, losses = zip(*state.losses) if state.losses else ((), ())
-    return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "loss": pd.Series(losses, dtype="float64")})
+    """Training and validation loss, one series each; numeric columns even when empty: the plot picks its axis types
+    from the first value it gets."""
+    points = [(s, v, "train") for s, v in state.losses] + [(s, v, "validation") for s, v in state.val_losses]
+    steps, losses, series = zip(*points) if points else ((), (), ())
+    return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "loss": pd.Series(losses, dtype="float64"),
+                         "series": pd.Series(series, dtype="object")})
 
 
 def _sample_images(state: JobState) -> list:
@@ -165,10 +200,3 @@ def _commands(state: JobState) -> str:
     out = state.output_dir
     return ("**From a terminal:** watch it in TensorBoard with "
             f"`tensorboard --logdir {out}/logs`; rerun it with `python train.py --config {out}/config.yaml`.")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
