@@ -92,7 +92,7 @@ def train_indexed(fitted, stop: threading.Event):
     index = RunIndex.for_output_dir(cfg.output_dir) if distributed.reports_run() else None
     if index:
         run = Path(cfg.output_dir).name
-        index.record_start(run, to_yaml(cfg), family=cfg.model_family, task_type=cfg.task_type)
+        index.record_start(run, to_yaml(cfg), family=fitted.family, task_type=cfg.task_type)
         listeners.append(index.listener(run))
     if distributed.needs_launch(cfg):  # relaunch as num_processes processes; they draw their own progress bar
         return distributed.launch_and_follow(cfg, EventSink(listeners[1:]), stop, console=True)

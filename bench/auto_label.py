@@ -4,7 +4,8 @@ Measures `auto_label` end to end after the models are loaded (decode, preprocess
 model loading is reported separately. The tiny models make this a measure of the pipeline's own overhead and of what
 batching saves, not of real model speed. The random VLM never stops early, so its captions are VLM_TOKENS long.
 
-Run: `.venv/bin/python bench/auto_label.py` (add --write to update bench/RESULTS.md).
+Run: `.venv/bin/python bench/auto_label.py` (add --write to update bench/RESULTS.md; --modes wd14,vlm measures only
+those modes).
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ def tiny_models(tmp: Path) -> LabelModels:
                        vlm_max_tokens=VLM_TOKENS)
 
 
-def main() -> str:
+def main(modes: list[str]) -> str:
     tmp = Path(tempfile.mkdtemp())
     models = tiny_models(tmp)
     folder = make_images(tmp / "images")
-    for mode in MODES:  # warm-up: imports, caches, first-call kernels
+    for mode in modes:  # warm-up: imports, caches, first-call kernels
         auto_label(folder, mode=mode, batch_size=8, overwrite=True, models=models)
     lines = [f"{IMAGES} PNGs of {SIDE}x{SIDE} px; tiny CLIP, BLIP and LLaVA-style VLM (32 px input; VLM captions "
              f"{VLM_TOKENS} tokens) and a tiny ONNX WD14 tagger (32 px input, onnxruntime); on "
@@ -73,15 +74,16 @@ def main() -> str:
              f"{torch.get_num_threads()} threads; median of {REPEATS} runs, set-up excluded from img/s.", "",
              "| mode | batch 1 | batch 8 | batch 8 / batch 1 | set-up (load models, embed vocabulary) |",
              "|---|---|---|---|---|"]
-    for mode, spec in MODES.items():
+    for mode in modes:
         (single, setup), (batched, _) = (measure(folder, models, mode, batch) for batch in BATCHES)
-        lines.append(f"| {mode} ({spec.title}) | {single:.1f} img/s | {batched:.1f} img/s | {batched / single:.2f}x | "
+        lines.append(f"| {mode} ({MODES[mode].title}) | {single:.1f} img/s | {batched:.1f} img/s | {batched / single:.2f}x | "
                      f"{setup * 1000:.0f} ms |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    report = main()
+    chosen = sys.argv[sys.argv.index("--modes") + 1].split(",") if "--modes" in sys.argv else list(MODES)
+    report = main(chosen)
     print(report)
     if "--write" in sys.argv:
         update_results("auto_label", report)

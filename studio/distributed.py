@@ -61,15 +61,10 @@ def needs_launch(cfg: RunConfig) -> bool:
     return cfg.num_processes > 1 and not launched()
 
 
-def is_main_process() -> bool:
-    """Not one of the other processes of a launch (they leave reporting and writing to the main one)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def reports_run() -> bool:
     """This process reports the run (its record in the workspace's index, the final summary): not one of the other
     processes of a launch, nor a process launch_and_follow started (the launching process reports)."""
-    return is_main_process() and STOP_FILE_ENV not in os.environ
+    return os.environ.get("RANK", "0") == "0" and STOP_FILE_ENV not in os.environ
 
 
 def gpu_count() -> int:
@@ -234,7 +229,8 @@ def launch_and_follow(cfg: RunConfig, events: EventSink, stop: threading.Event, 
     """Train `cfg` in `cfg.num_processes` processes started through accelerate, forwarding the run's events to
     `events` as they appear in output_dir/events.jsonl, until it ends; returns the loop's RunResult (from the events).
 
-    `stop` set: the processes stop together after their step (checkpoint, export); after `grace_s` they are killed.
+    `stop` set: the processes stop together after their step (checkpoint, export); if no checkpoint comes within
+    `grace_s` (still loading, or hung), they are killed.
     A process that dies ends the run as failed: the others are stopped, unfinished files are removed, and a
     StudioError says which process and why (its output is in output_dir/launch.log; `console`: on this terminal).
     """
@@ -293,59 +289,65 @@ class _Follower:
     def __init__(self, process: subprocess.Popen, tail: _EventTail, events: EventSink, count: int):
         self.process, self.tail, self.events, self.count = process, tail, events, count
         self.final: Event | None = None
-        self.last_loss: float | None = None
+        self.last: Event | None = None  # the last progress event
         self.killed_after_stop = False
+        self.stopping_in_order = False  # the stop checkpoint came: the export that follows may take its time
 
     def run(self, stop: threading.Event, stop_file: Path, grace_s: float) -> None:
         asked = None
         while self.process.poll() is None:
-            self._forward()
+            self._forward(asked is not None)
             if stop.is_set() and asked is None:
                 stop_file.touch()
                 asked = time.monotonic()
                 self.events.emit("log", message=f"Stopping all {self.count} processes after their step...")
-            if asked is not None and time.monotonic() - asked > grace_s:
+            if asked is not None and not self.stopping_in_order and time.monotonic() - asked > grace_s:
                 self.killed_after_stop = True
                 _end(self.process)
             time.sleep(self.POLL_S)
-        self._forward()
+        self._forward(asked is not None)
 
-    def _forward(self) -> None:
+    def _forward(self, stop_asked: bool) -> None:
         for event in self.tail.read():
             self.events.emit(event.kind, event.step, event.total, event.message, **event.data)
             if event.kind == "progress":
-                self.last_loss = event.data.get("loss")
+                self.last = event
+            self.stopping_in_order |= stop_asked and event.kind == "checkpoint"
             if event.kind in FINAL_KINDS:
                 self.final = event
 
     def result(self, out: Path, log: Path | None):
         from studio.loop import RunResult
 
-        final, code = self.final, self.process.returncode
+        final, code, last = self.final, self.process.returncode, self.last
+        loss = last.data.get("loss") if last else None
         if code == 0 and final is not None and final.kind != "failed":
             return RunResult(out, [Path(f) for f in final.data.get("files", [])], final.step, final.total,
-                             final.kind == "stopped", self.last_loss)
+                             final.kind == "stopped", loss)
         removed = remove_orphans(out, checkpoints_dir(out))  # what the killed processes were writing
+        cleaned = f" Removed {len(removed)} unfinished file(s) they were writing." if removed else ""
+        if self.killed_after_stop:  # a stop request they could not honour in time (e.g. still loading)
+            self._report(out, "stopped", f"Stopped: the {self.count} processes were ended before they could save; "
+                                         f"the last checkpoint is kept.{cleaned}")
+            return RunResult(out, [], last.step if last else 0, last.total if last else 0, True, loss)
         cause = _root_cause(log.read_text(encoding="utf-8", errors="replace") if log and log.is_file() else "")
         if final is not None and final.kind == "failed" and not (cause and cause.signal):
             raise StudioError(final.message)  # the run's own error, already reported
-        if self.killed_after_stop:
-            message = (f"The {self.count} processes did not stop within the grace period and were killed; the run "
-                       "continues from its last checkpoint with resume_from: latest.")
-        else:
-            where = f"its output: {log}" if log else "see the output above"
-            message = (f"{cause.describe(self.count) if cause else f'The training processes failed (exit code {code})'}"
-                       f". All {self.count} processes were stopped ({where}); the run continues from its last "
-                       "checkpoint with resume_from: latest.")
-        if removed:
-            message += f" Removed {len(removed)} unfinished file(s) they were writing."
+        where = f"its output: {log}" if log else "see the output above"
+        message = (f"{cause.describe(self.count) if cause else f'The training processes failed (exit code {code})'}. "
+                   f"All {self.count} processes were stopped ({where}); the run continues from its last checkpoint "
+                   f"with resume_from: latest.{cleaned}")
+        self._report(out, "failed", message)
+        raise StudioError(message)
+
+    def _report(self, out: Path, kind: str, message: str) -> None:
+        """The run's end, which its processes could not report: to the listeners and to its events.jsonl."""
         reporter = EventSink(self.events.listeners)
-        reporter.open_jsonl(out / "events.jsonl")  # the run's own log ends as failed too
+        reporter.open_jsonl(out / "events.jsonl")
         try:
-            reporter.emit("failed", message=message)
+            reporter.emit(kind, message=message)
         finally:
             reporter.close_jsonl()
-        raise StudioError(message)
 
 
 @dataclass

@@ -3,9 +3,9 @@
 With plain data parallelism every GPU holds the whole base model; FSDP splits its weights over the GPUs and gathers
 each decoder layer's weights only for that layer's forward and backward, so a model no single card holds trains on
 several (QLoRA: a 70B model in 4-bit on 2 x 24 GB). The settings are what accelerate, peft and bitsandbytes document for
-4-bit FSDP (FSDP1, one unit per decoder layer, use_orig_params false, the model loaded on one process and
-broadcast: cpu_ram_efficient_loading + sync_module_states); they go into output_dir/accelerate_config.yaml, and
-`shard` takes them from accelerate's FSDP plugin, which reads that file through `accelerate launch`.
+4-bit FSDP (FSDP1, one unit per decoder layer, use_orig_params false; see accelerate_settings for the loading ones);
+they go into output_dir/accelerate_config.yaml, and `shard` takes them from accelerate's FSDP plugin, which reads that
+file through `accelerate launch`.
 
 One change from that recipe: the LoRA weights stay out of FSDP (`ignored_states`), replicated on every process as in
 ddp, their gradients summed by the loop's one all-reduce. Sharding them would save a few hundred MB at most; keeping
@@ -23,12 +23,14 @@ from studio.errors import StudioError
 
 
 def accelerate_settings(cuda: bool) -> dict:
-    """The `fsdp_config` of the accelerate config file. Loading the weights on the main process only and
-    broadcasting them needs CUDA in accelerate's FSDP plugin (and is what makes a 70B model loadable at all); on the
-    CPU every process loads the model itself."""
+    """The `fsdp_config` of the accelerate config file. Two settings differ from the documented recipe for now:
+    cpu_ram_efficient_loading (the main process loads the weights, the others get empty ones that FSDP fills by
+    broadcast; what makes a 70B model loadable at all) stays off until the model loader leaves the weights off the GPU
+    under FSDP (studio/models/causal_lm.py moves the whole model to the device before FSDP sees it); and
+    sync_module_states (that broadcast) needs CUDA in accelerate's FSDP plugin."""
     return {"fsdp_version": 1, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_sharding_strategy": "FULL_SHARD", "fsdp_use_orig_params": False,
-            "fsdp_cpu_ram_efficient_loading": cuda, "fsdp_sync_module_states": cuda,
+            "fsdp_cpu_ram_efficient_loading": False, "fsdp_sync_module_states": cuda,
             "fsdp_backward_prefetch": "BACKWARD_PRE", "fsdp_forward_prefetch": False, "fsdp_offload_params": False,
             "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_activation_checkpointing": False}
 
@@ -43,9 +45,6 @@ def shard(engine, device: torch.device) -> None:
         raise StudioError("distributed: fsdp shards LLM runs; image runs train with distributed: ddp.")
     check_4bit_storage(model)
     lora = [p for p in model.parameters() if p.requires_grad]
-    for module in model.modules():  # with cpu_ram_efficient_loading only the main process has real weights
-        if any(p.is_meta for p in module.parameters(recurse=False) if p.requires_grad):
-            module.to_empty(device=device, recurse=False)  # the LoRA values come by broadcast (Processes.prepare)
     plugin = FullyShardedDataParallelPlugin()  # from the environment accelerate launch set from the config file
     plugin.set_auto_wrap_policy(model)
     engine.model = FSDP(model, sharding_strategy=plugin.sharding_strategy, cpu_offload=plugin.cpu_offload,

@@ -86,7 +86,7 @@ class JobRunner:
                                   "finish, cancel it, or add this one to the queue.")
             job = _Job(cfg, Path(cfg.output_dir).name, cfg.output_dir, fitted)
             if self.index:
-                self._enqueue(cfg, front=True)
+                self._enqueue(cfg, fitted, front=True)
                 self._fitted[job.run] = fitted
             else:
                 self._direct.append(job)
@@ -94,17 +94,18 @@ class JobRunner:
             self._log.clear()
             self._kick()
 
-    def enqueue(self, cfg: RunConfig) -> None:
+    def enqueue(self, cfg: RunConfig, fitted=None) -> None:
         """Add `cfg` to the end of the queue (its config frozen now); it runs when the jobs before it are done."""
         if not self.index:
             raise StudioError("This runner has no queue (no workspace index).")
         with self._lock:
-            self._enqueue(cfg, front=False)
+            self._enqueue(cfg, fitted, front=False)
             self._kick()
 
-    def _enqueue(self, cfg: RunConfig, *, front: bool) -> None:
-        self.index.enqueue(Path(cfg.output_dir).name, to_yaml(cfg), family=cfg.model_family,
-                           task_type=cfg.task_type, front=front)
+    def _enqueue(self, cfg: RunConfig, fitted, *, front: bool) -> None:
+        family = fitted.family if fitted else cfg.model_family  # the fit resolved 'auto'
+        self.index.enqueue(Path(cfg.output_dir).name, to_yaml(cfg), family=family, task_type=cfg.task_type,
+                           front=front)
 
     def resume_queue(self) -> None:
         """Start working through jobs queued before the studio (re)started."""

@@ -112,15 +112,15 @@ def test_num_processes_and_fsdp_are_checked(demo, tmp_path):
         join(config_from_dict(llm_values(demo, tmp_path, num_processes=2)))
 
 
-def test_accelerate_config_for_ddp_and_the_fsdp_qlora_recipe(demo, tmp_path):
+def test_accelerate_config_for_ddp_and_fsdp(demo, tmp_path):
     ddp = accelerate_config(config_from_dict(llm_values(demo, tmp_path, num_processes=4)), cuda=True)
     assert (ddp["distributed_type"], ddp["num_processes"], ddp["mixed_precision"]) == ("MULTI_GPU", 4, "no")
     cfg = config_from_dict(llm_values(demo, tmp_path, num_processes=2, distributed="fsdp"))
     gpu = accelerate_config(cfg, cuda=True)["fsdp_config"]
     assert gpu["fsdp_use_orig_params"] is False and gpu["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert gpu["fsdp_cpu_ram_efficient_loading"] and gpu["fsdp_sync_module_states"]
-    cpu = accelerate_config(cfg, cuda=False)["fsdp_config"]  # accelerate's plugin needs a GPU for these two
-    assert not cpu["fsdp_cpu_ram_efficient_loading"] and not cpu["fsdp_sync_module_states"]
+    assert gpu["fsdp_sharding_strategy"] == "FULL_SHARD" and gpu["fsdp_sync_module_states"]
+    assert not gpu["fsdp_cpu_ram_efficient_loading"]  # waits on the model loader (studio/fsdp.py)
+    assert not accelerate_config(cfg, cuda=False)["fsdp_config"]["fsdp_sync_module_states"]  # needs CUDA in accelerate
     path = write_accelerate_config(cfg, tmp_path)
     assert path == tmp_path / ACCELERATE_CONFIG
     written = yaml.safe_load(path.read_text())
@@ -212,18 +212,29 @@ def test_fsdp_trains_the_llm_like_ddp(demo, llm_runs, tmp_path):
     assert max_difference(adapter_weights(two.files[0]), adapter_weights(fsdp.files[0])) == 0.0
 
 
-@pytest.mark.slow
-def test_stop_stops_every_process_and_the_run_resumes_with_the_same_count(demo, llm_runs, tmp_path):
-    _, two, _ = llm_runs
-    out = tmp_path / "stopped"
+@pytest.fixture(scope="module")
+def stopped(demo, tmp_path_factory):
+    """A 2-process run of the tiny Llama stopped (like Cancel) once its first update is reported."""
+    out = tmp_path_factory.mktemp("stop") / "stopped"
     stop = threading.Event()
     recorder = Recorder(on_progress=lambda _: stop.set())
     # A checkpoint every step: slower steps, so the stop lands well before LLM_STEPS.
     cfg = config_from_dict(llm_values(demo, out, num_processes=2, max_train_steps=2000, save_steps=1))
-    stopped = launch(cfg, recorder, stop)
-    assert stopped.stopped and 0 < stopped.step < LLM_STEPS
-    assert recorder.events[-1].kind == "stopped" and recorder.kinds("checkpoint")[-1].step == stopped.step
+    return launch(cfg, recorder, stop), recorder
 
+
+@pytest.mark.slow
+def test_stop_ends_every_process_at_the_same_step_with_a_checkpoint(stopped):
+    result, recorder = stopped
+    assert result.stopped and 0 < result.step < LLM_STEPS
+    assert recorder.events[-1].kind == "stopped" and recorder.kinds("checkpoint")[-1].step == result.step
+    assert result.files == [result.output_dir / "stopped"]
+
+
+@pytest.mark.slow
+def test_resume_needs_the_same_count_and_then_replays_the_run_exactly(demo, llm_runs, stopped):
+    _, two, _ = llm_runs
+    out = stopped[0].output_dir
     with pytest.raises(StudioError, match="saved by a run with 2 process.*num_processes: 2"):
         train(config_from_dict(llm_values(demo, out, max_train_steps=2000, resume_from="latest")))
 
@@ -232,8 +243,35 @@ def test_stop_stops_every_process_and_the_run_resumes_with_the_same_count(demo, 
                               "--num-processes", "2", "--set", f"max_train_steps={LLM_STEPS}", "resume_from=latest"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count(f"Done: step {LLM_STEPS}/{LLM_STEPS}") == 1  # from the main process only
+    assert resumed.stdout.count(f"Done: step {LLM_STEPS}/{LLM_STEPS}") == 1  # from the launching process only
+    assert "effective batch 2 = batch 1 x 1 accumulation x 2 processes" in resumed.stdout
     assert max_difference(adapter_weights(two.files[0]), adapter_weights(out / "stopped")) == 0.0
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow
+def test_a_stop_the_processes_cannot_honour_in_time_ends_them(demo, tmp_path):
+    stop, started = threading.Event(), []
+
+    def stop_while_loading(event):
+        if "pid" in event.data:  # launch_and_follow's first event: the launcher
+            started.append(psutil.Process(event.data["pid"]))
+        elif event.kind == "plan" and not stop.is_set():  # before the model loads: no update boundary within the grace
+            started.extend(started[0].children(recursive=True))
+            stop.set()
+
+    recorder = Recorder()
+    cfg = config_from_dict(llm_values(demo, tmp_path / "cancelled", num_processes=2))
+    result = launch_and_follow(cfg, EventSink([stop_while_loading, recorder]), stop, grace_s=0.5)
+    assert result.stopped and result.files == []
+    assert recorder.events[-1].kind == "stopped" and "ended before they could save" in recorder.events[-1].message
+    assert len(started) == 3 and all(gone(p) for p in started)  # the launcher and both training processes
 
 
 @pytest.mark.slow
@@ -245,7 +283,7 @@ def test_a_killed_process_fails_the_run_with_a_message_and_no_unfinished_files(d
         launcher = psutil.Process(recorder.kinds("log")[0].data["pid"])
         workers = {p.environ().get("RANK"): p for p in launcher.children(recursive=True)}
         workers["1"].send_signal(signal.SIGKILL)
-        killed.extend([launcher.pid, workers["0"].pid, workers["1"].pid])
+        killed.extend([launcher, *workers.values()])
 
     recorder = Recorder(on_progress=kill_process_1)
     cfg = config_from_dict(llm_values(demo, out, num_processes=2, max_train_steps=100_000, save_steps=1))
@@ -258,7 +296,7 @@ def test_a_killed_process_fails_the_run_with_a_message_and_no_unfinished_files(d
     assert leftovers == []
     assert all((c / "state.pt").is_file() and (c / "adapter.safetensors").is_file()
                for c in (out / "checkpoints").iterdir())
-    assert not any(psutil.pid_exists(pid) for pid in killed)  # the launcher and both processes are gone
+    assert len(killed) == 3 and all(gone(p) for p in killed)  # the launcher and both processes
 
 
 @pytest.mark.slow

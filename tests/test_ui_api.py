@@ -63,7 +63,8 @@ def test_dataset_upload_auto_label_and_caption_edit(app, demo):
         "datasets/shapes", [handle_file(str(p)) for p in images], api_name="/upload_files")
     assert "Added 4 file(s)" in status and len(gallery) == 4
     assert "4 problem(s)" in report  # the validation report lists every image, each with its fix
-    assert len(problems["data"]) == 4 and all("no caption" in " ".join(row) for row in problems["data"])
+    rows = value_of(problems)["data"]
+    assert len(rows) == 4 and all("no caption" in " ".join(map(str, row)) for row in rows), rows
 
     status, _, gallery, table, report, _, _ = client.predict("datasets/shapes", "caption+tags", False, "shp",
                                                              str(demo.clip), str(demo.blip), api_name="/auto_label")

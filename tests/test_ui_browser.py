@@ -6,6 +6,7 @@ Screenshots go to $STUDIO_SCREENSHOTS if set, else to the test's temporary folde
 STUDIO_UPDATE_README_SHOTS=1 it also rewrites the README's screenshots in docs/screenshots/."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -237,18 +238,31 @@ def test_every_tab(page, shots, demo):
     page.wait_for_timeout(500)  # let the plot draw
     check_layout(page, shots, "3-train")
     readme_shot(page, "train", "#train-status", "#train-progress", "#loss-plot", "#train-samples", "#train-log")
-    # a second start of the same run is refused; the next start clears that error before its own progress shows
-    page.locator("#start-training").click()
-    page.locator("#train-action").get_by_text("already holds a run").wait_for()
+    # the Runs table lists the run, and a click on its row selects it
+    runs = page.locator("#train-runs-table")
+    row_of = ("(name) => [...document.querySelectorAll('#train-runs-table .body-cell')]"
+              ".some((cell) => cell.innerText.trim() === name)")
+    page.wait_for_function(row_of, arg=run_name)
+    assert "done" in runs.inner_text() and "sd15" in runs.inner_text()
+    runs.locator(".body-cell[data-col='0']").filter(has_text=run_name).first.click()
+    selected = page.locator("#train-selected-run textarea, #train-selected-run input").first
+    page.wait_for_function("(name) => document.querySelector('#train-selected-run textarea, #train-selected-run "
+                           "input').value === name", arg=run_name)
+    assert selected.input_value() == run_name
+    # queueing the same config again: it gets a fresh name; the last message is cleared while the request is pending
     held = []
-    # hold the start request, so the page shows its pending state
     page.route("**/queue/join**", lambda route: held.append(route))
-    page.locator("#start-training").click()
+    page.locator("#queue-training").click()
     page.wait_for_timeout(300)
     pending = page.locator("#train-action").inner_text()
     page.unroute("**/queue/join**")  # (releases the held request)
-    assert held and "already holds a run" not in pending, pending
-    page.locator("#train-action").get_by_text("already holds a run").wait_for()
+    assert held and "is taken" not in pending, pending
+    page.locator("#train-action").get_by_text("is taken, so this run is").wait_for()
+    again = re.search(r"this run is '([^']+)'", page.locator("#train-action").inner_text()).group(1)
+    assert again != run_name
+    page.locator("#train-status").get_by_text(f"Finished {again}").wait_for(timeout=90_000)
+    page.wait_for_function(row_of, arg=again)
+    check_layout(page, shots, "3-train-runs")
 
     # --- Preview: the new run's adapters are offered (the final one and those saved along the way); generate
     open_tab(page, "Preview")

@@ -7,13 +7,13 @@ The weights it writes are committed under studio/demo/weights/tiny-sd15/ and cop
 
 It starts from `studio.demo.diffusion.build_tiny_sd15` (random weights: the exact demo architecture) and trains in two
 phases on shapes drawn by `studio.demo.datasets.draw_shape` at random sizes and places:
-1. the VAE alone, on shapes in any colour: reconstruction plus a small KL term; then its latents are normalised in
+1. the VAE alone, on shapes in all PALETTE colours: reconstruction plus a small KL term; then its latents are normalised in
    place (the quant convs absorb each channel's mean and spread), so the config's scaling_factor gives unit-variance
    latents;
 2. the UNet and the text encoder together on the frozen VAE's latents of shapes in the base colours, with captions
    like "a red circle" (epsilon prediction, as studio's trainer; 10% empty captions so classifier-free guidance has
    an unconditional model).
-The denoiser never sees the colour the demo LoRA teaches (datasets.TAUGHT_COLOUR), nor its name.
+The denoiser and the text encoder never see the colour the demo LoRA teaches (datasets.TAUGHT_COLOUR) nor its name.
 """
 
 from __future__ import annotations
@@ -35,29 +35,24 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
 from diffusers.training_utils import compute_snr  # noqa: E402
 
-from studio.demo.datasets import BACKGROUND, COLOURS, SHAPES, caption, draw_shape  # noqa: E402
+from studio.demo.datasets import COLOURS, PALETTE, SHAPES, caption, draw_shape  # noqa: E402
 from studio.demo.diffusion import PRETRAINED_SD15, build_tiny_sd15  # noqa: E402
 
 SIDE = 64
 UNCONDITIONAL = 0.1  # share of empty captions
 
 
-def drawing(rng: random.Random, colour: str | tuple[int, int, int], shape: str,
-            background: tuple[int, int, int] = BACKGROUND) -> torch.Tensor:
+def drawing(rng: random.Random, colour: str, shape: str) -> torch.Tensor:
     """One 64 px `shape` of random size and place, as a (3, 64, 64) tensor in [-1, 1]."""
     centre = (rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6))
-    image = draw_shape(shape, colour, (SIDE, SIDE), scale=rng.uniform(0.45, 0.7), centre=centre, background=background)
+    image = draw_shape(shape, colour, (SIDE, SIDE), scale=rng.uniform(0.45, 0.7), centre=centre)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-def any_colour_shapes(rng: random.Random, n: int) -> torch.Tensor:
-    """The VAE's images: shapes in any colour, on the demo background or (30%) any other, so the VAE also encodes
-    colours the base model never names (the demo LoRA's purple)."""
-    def any_colour() -> tuple[int, int, int]:
-        return tuple(rng.randrange(256) for _ in range(3))
-
-    return torch.stack([drawing(rng, any_colour(), rng.choice(SHAPES),
-                                any_colour() if rng.random() < 0.3 else BACKGROUND) for _ in range(n)])
+def palette_shapes(rng: random.Random, n: int) -> torch.Tensor:
+    """The VAE's images: shapes in every PALETTE colour, the demo LoRA's one included: a VAE encodes all colours (the
+    tiny one learns a few well, not the whole colour space)."""
+    return torch.stack([drawing(rng, rng.choice(list(PALETTE)), rng.choice(SHAPES)) for _ in range(n)])
 
 
 def named_shapes(rng: random.Random, n: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
@@ -78,7 +73,7 @@ def train_vae(vae, steps: int, batch: int, rng: random.Random) -> float:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, 50, steps)
     for step in range(1, steps + 1):
-        pixels = any_colour_shapes(rng, batch)
+        pixels = palette_shapes(rng, batch)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         # A small KL term keeps the latent space smooth enough for the UNet's imperfect latents to decode.

@@ -1,6 +1,6 @@
 """The built-in demo workspace: tiny models and generated datasets, so every tab works with no download.
 
-The SD1.5 model is pretrained (it draws coloured shapes; the demo dataset teaches it purple); the others are random.
+The SD1.5 model is pretrained (it draws coloured shapes; the demo dataset teaches it pink); the others are random.
 
 `ensure_demo(root)` builds whatever is missing under `root/demo/` (a few seconds on 2 cores) and reuses it after.
 """

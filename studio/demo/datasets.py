@@ -13,9 +13,9 @@ from studio.data.captions import write_csv_captions
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ["circle", "square", "triangle"]
 BACKGROUND = (245, 245, 245)
-# What the demo LoRA teaches (build_demo_images): a colour the base model never saw, so a strength sweep shows it.
-TAUGHT_COLOUR = "purple"
-PALETTE = {**COLOURS, TAUGHT_COLOUR: (150, 40, 210)}
+# What the demo LoRA teaches (build_demo_images): a colour the base model cannot draw, so a strength sweep shows it.
+TAUGHT_COLOUR = "pink"
+PALETTE = {**COLOURS, TAUGHT_COLOUR: (250, 110, 200)}
 # Mixed aspect ratios so aspect-ratio bucketing has something to do.
 SIZES = [(96, 96), (128, 96), (96, 128)]
 
@@ -30,13 +30,13 @@ DEMO_QA = [
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def draw_shape(shape: str, colour: str | tuple[int, int, int], size: tuple[int, int], scale: float = 0.6,
-               centre: tuple[float, float] = (0.5, 0.5), background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
-    """A flat `colour` (a PALETTE name or RGB) `shape` spanning `scale` of the shorter side, at `centre` (fractions)."""
-    img = Image.new("RGB", size, background)
+def draw_shape(shape: str, colour: str, size: tuple[int, int], scale: float = 0.6,
+               centre: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+    """A flat `colour` (a PALETTE name) `shape` spanning `scale` of the shorter side, at `centre` (fractions)."""
+    img = Image.new("RGB", size, BACKGROUND)
     w, h = size
     r, x, y = scale * min(w, h) / 2, centre[0] * w, centre[1] * h
-    draw, fill = ImageDraw.Draw(img), PALETTE[colour] if isinstance(colour, str) else colour
+    draw, fill = ImageDraw.Draw(img), PALETTE[colour]
     if shape == "triangle":
         draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
     else:

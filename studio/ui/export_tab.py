@@ -20,6 +20,7 @@ from studio.run_adapters import step_of
 from studio.ui.adapter_header import header_table
 from studio.ui.common import choices_update, error, note, ok, reports_errors
 from studio.ui.context import RunInfo, Studio
+from studio.ui.runs_table import runs_frame, runs_table
 
 FILE_LIMIT = 60
 ADAPTER_ZIP = "-adapter"  # an LLM adapter folder <name>/ downloads as <name>-adapter.zip
@@ -52,6 +53,7 @@ def export_tab(studio: Studio) -> None:
                 merge_button = gr.Button("Merge the adapter into its base model", visible=False,
                                          elem_id="export-merge")
         files = gr.JSON(visible=False)  # the listed files' paths: /export_run's second output for API clients
+        runs = runs_table(studio, "export")
 
     # The adapter is the last input of each API call, so scripts that name only the run get its final adapter.
     outputs = [status, files, download, install_group, merge_button]
@@ -61,6 +63,9 @@ def export_tab(studio: Studio) -> None:
     run.change(partial(adapter_choices, studio), run, adapter, api_visibility="private").then(
         *shown, api_name="export_run").then(*details, api_name="export_details")
     adapter.input(*shown, api_visibility="private").then(*details, api_visibility="private")
+    # "Open" in the Runs table picks that run here (its finished adapter, if it has one).
+    runs.opened.change(lambda name: name or gr.skip(), runs.opened, run, api_visibility="private")
+    tab.select(partial(runs_frame, studio), None, runs.table, api_visibility="private")
     for trigger in (refresh.click, tab.select):  # the dropdown shows a run from the start: show it, up to date
         trigger(partial(refresh_runs, studio), run, run, api_visibility="private").then(
             *adapters, api_visibility="private").then(*shown, api_visibility="private").then(

@@ -239,8 +239,8 @@ def prepared_config(studio: Studio, text: str):
 
 
 def add_to_queue(studio: Studio, text: str) -> dict:
-    cfg, _, renamed = prepared_config(studio, text)
-    studio.jobs.enqueue(cfg)
+    cfg, fitted, renamed = prepared_config(studio, text)
+    studio.jobs.enqueue(cfg, fitted)
     name = Path(cfg.output_dir).name
     return {"name": name, "message": f"{renamed} Queued '{name}'.".strip()}
 
