@@ -39,21 +39,25 @@ def make_images(folder: Path) -> Path:
     return folder
 
 
-def measure(folder: Path, models: LabelModels, mode: str, batch_size: int) -> tuple[float, float]:
-    """(images/s, seconds of set-up before the first image: loading models, embedding the vocabulary), medians."""
-    rates, setups = [], []
+def measure(folder: Path, models: LabelModels, mode: str) -> dict[int, tuple[float, float]]:
+    """Batch size → (images/s, seconds of set-up before the first image: loading models, embedding the vocabulary),
+    medians. The batch sizes alternate run by run, so a machine busy with other work slows them alike."""
+    samples = {batch: [] for batch in BATCHES}
     for _ in range(REPEATS):
-        begin, started = time.perf_counter(), []
+        for batch in BATCHES:
+            samples[batch].append(run_once(folder, models, mode, batch))
+    return {batch: tuple(map(statistics.median, zip(*runs))) for batch, runs in samples.items()}
 
-        def progress(done: int, total: int, images_per_s: float) -> None:
-            if done == 0:  # auto_label reports 0 done once its models are ready
-                started.append(time.perf_counter())
 
-        report = auto_label(folder, mode=mode, batch_size=batch_size, overwrite=True, models=models,
-                            progress=progress)
-        rates.append(report.images_per_s)
-        setups.append(started[0] - begin)
-    return statistics.median(rates), statistics.median(setups)
+def run_once(folder: Path, models: LabelModels, mode: str, batch_size: int) -> tuple[float, float]:
+    begin, started = time.perf_counter(), []
+
+    def progress(done: int, total: int, images_per_s: float) -> None:
+        if done == 0:  # auto_label reports 0 done once its models are ready
+            started.append(time.perf_counter())
+
+    report = auto_label(folder, mode=mode, batch_size=batch_size, overwrite=True, models=models, progress=progress)
+    return report.images_per_s, started[0] - begin
 
 
 def tiny_models(tmp: Path) -> LabelModels:
@@ -71,13 +75,14 @@ def main(modes: list[str]) -> str:
     lines = [f"{IMAGES} PNGs of {SIDE}x{SIDE} px; tiny CLIP, BLIP and LLaVA-style VLM (32 px input; VLM captions "
              f"{VLM_TOKENS} tokens) and a tiny ONNX WD14 tagger (32 px input, onnxruntime); on "
              f"{'cuda' if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; median of {REPEATS} runs, set-up excluded from img/s.", "",
+             f"{torch.get_num_threads()} threads; median of {REPEATS} runs (batch sizes alternating), set-up excluded "
+             "from img/s.", "",
              "| mode | batch 1 | batch 8 | batch 8 / batch 1 | set-up (load models, embed vocabulary) |",
              "|---|---|---|---|---|"]
     for mode in modes:
-        (single, setup), (batched, _) = (measure(folder, models, mode, batch) for batch in BATCHES)
-        lines.append(f"| {mode} ({MODES[mode].title}) | {single:.1f} img/s | {batched:.1f} img/s | {batched / single:.2f}x | "
-                     f"{setup * 1000:.0f} ms |")
+        (single, setup), (batched, _) = measure(folder, models, mode).values()
+        lines.append(f"| {mode} ({MODES[mode].title}) | {single:.1f} img/s | {batched:.1f} img/s | "
+                     f"{batched / single:.2f}x | {setup * 1000:.0f} ms |")
     return "\n".join(lines)
 
 

@@ -91,30 +91,34 @@ class Processes:
         share = group[self.rank::self.world]
         return [(self.rank + start * self.world, share[start:start + size]) for start in range(0, len(share), size)]
 
-    def sum_gradients(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    def sum_gradients(self, params: list[torch.Tensor], loss: torch.Tensor | None) -> torch.Tensor | None:
         """Sum the gradients of `params` and the weighted losses over the processes (one all-reduce); returns the
-        group's loss. A process whose share was empty adds zeros."""
+        group's loss, or None in every process when one ran out of memory (its `loss` is None): they all back off
+        together. A process whose share was empty adds zeros."""
         if self.world == 1:
             return loss
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float().to(grads[0].device)])
+        failed = loss is None
+        grads = [torch.zeros_like(p) if failed or p.grad is None else p.grad for p in params]
+        device = params[0].device
+        tail = torch.tensor([0.0, float(failed)], device=device)
+        if not failed:
+            tail[0] = loss.float()
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [tail])
         dist.all_reduce(flat)
-        for param, chunk in zip(params, flat[:-1].split([p.numel() for p in params])):
+        if flat[-1].item():
+            return None
+        for param, chunk in zip(params, flat[:-2].split([p.numel() for p in params])):
             param.grad = chunk.view_as(param).to(param.dtype)
-        return flat[-1]
-
-    def any(self, flag: bool) -> bool:
-        """True on every process when `flag` is true on one (an out-of-memory update, a stop request)."""
-        if self.world == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return flat[-2]
 
     def should_stop(self, stop: threading.Event) -> bool:
         """A stop request (the event, or the launcher's stop file), agreed by all processes: they stop together."""
         asked = stop.is_set() or bool(self.is_main and self.stop_file and self.stop_file.exists())
-        return self.any(asked)
+        if self.world == 1:
+            return asked
+        flag = torch.tensor([float(asked)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def checkpoint_state(self) -> dict:
         """What a checkpoint needs beyond one process's: the process count, and every process's global RNG states

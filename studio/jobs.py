@@ -185,7 +185,9 @@ class JobRunner:
             return job
 
     def _run(self, job: _Job) -> None:
-        from studio.loop import Requests, train  # imported in the thread: torch loads off the UI's start-up path
+        # Imported in the thread: torch loads off the UI's start-up path.
+        from studio.distributed import launch_and_follow, needs_launch
+        from studio.loop import Requests, train
 
         listeners = [self._on_event] + ([self.index.listener(job.run)] if self.index else [])
         sink = EventSink(listeners)
@@ -193,7 +195,10 @@ class JobRunner:
             if job.error:
                 sink.emit("failed", message=job.error)
                 return
-            train(job.cfg, sink, self._stop, fitted=job.fitted, requests=Requests(**self._flags))
+            if needs_launch(job.cfg):  # several GPUs: a subprocess through accelerate, followed by its events
+                launch_and_follow(job.cfg, sink, self._stop)
+            else:
+                train(job.cfg, sink, self._stop, fitted=job.fitted, requests=Requests(**self._flags))
         except Exception as exc:  # noqa: BLE001 - the loop reports its failures as a 'failed' event...
             with self._lock:  # ...this is the safety net for one that never got reported: never stay 'running'
                 unreported = self._state.status not in FINAL_KINDS

@@ -213,13 +213,13 @@ class _Training:
             loss = self._forward_backward(group)
         except torch.OutOfMemoryError:
             loss = None  # leaving this block frees the error's traceback and with it the step's tensors
-        if self.procs.any(loss is None):  # out of memory in one process: all back off together
+        loss = self.procs.sum_gradients(self.params, loss)  # None in all processes when one ran out of memory
+        if loss is None:
             self.optimizer.zero_grad(set_to_none=True)
             self.rng.set_state(rng_state)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
-        loss = self.procs.sum_gradients(self.params, loss)
         if self.cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)

@@ -27,6 +27,7 @@ from studio.events import EventSink, read_events
 from studio.loop import train
 from studio.plan.memory import plan_memory
 from studio.ui.config_tab import GPU_KEY, form_widget, gpu_choice, set_config_key, yaml_to_form
+from two_processes import two_process_worker
 
 REPO = Path(__file__).resolve().parent.parent
 LLM_STEPS = 20
@@ -97,6 +98,15 @@ def test_each_process_takes_its_share_and_the_noise_follows_the_position():
     # micro-batches of 1: the same (position, sample) pairs as one process walking the whole group
     assert sorted(m for r in range(3) for m in Processes(r, 3).micro_batches(group, 1)) == \
         Processes().micro_batches(group, 1)
+
+
+def test_processes_sum_gradients_and_agree_on_out_of_memory_and_stop(tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    torch.multiprocessing.spawn(two_process_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    got = sorted(results.get() for _ in range(2))
+    for rank in (0, 1):  # the same update everywhere: summed gradients and loss; one out of memory = all; one stop = all
+        assert got[rank] == (rank, 0.75, [3.0, 3.0, 3.0], [1.0, 1.0], None, True)
 
 
 def test_num_processes_and_fsdp_are_checked(demo, tmp_path):
@@ -268,7 +278,7 @@ def test_a_stop_the_processes_cannot_honour_in_time_ends_them(demo, tmp_path):
 
     recorder = Recorder()
     cfg = config_from_dict(llm_values(demo, tmp_path / "cancelled", num_processes=2))
-    result = launch_and_follow(cfg, EventSink([stop_while_loading, recorder]), stop, grace_s=0.5)
+    result = launch_and_follow(cfg, EventSink([stop_while_loading, recorder]), stop, grace_s=0.0)
     assert result.stopped and result.files == []
     assert recorder.events[-1].kind == "stopped" and "ended before they could save" in recorder.events[-1].message
     assert len(started) == 3 and all(gone(p) for p in started)  # the launcher and both training processes
@@ -322,3 +332,20 @@ def test_fsdp_refuses_4bit_weights_it_cannot_flatten(demo):
     with pytest.raises(StudioError, match="bnb_4bit_quant_storage.*torch.uint8"):
         check_4bit_storage(qlora())  # transformers' default storage
     check_4bit_storage(qlora(bnb_4bit_quant_storage=torch.bfloat16))  # the FSDP-QLoRA recipe's
+
+
+@pytest.mark.slow
+def test_the_studio_queue_runs_a_multi_process_job_as_one_job(demo, tmp_path):
+    """The job runner launches a num_processes job as a subprocess and follows it: the job's state and the run index
+    show one job, done, with every step."""
+    from studio.jobs import JobRunner
+    from studio.run_index import RunIndex
+
+    runner = JobRunner(RunIndex(tmp_path))
+    runner.start(config_from_dict(llm_values(demo, tmp_path / "runs" / "two-gpus", num_processes=2,
+                                             max_train_steps=4)))
+    state = runner.wait(300)
+    assert state.status == "done" and state.step == state.total == 4 and len(state.losses) == 4, state.log
+    assert any("Started 2 training processes" in line for line in state.log)
+    record = RunIndex(tmp_path).get("two-gpus")
+    assert (record.status, record.step) == ("done", 4) and record.adapter_bytes > 0
