@@ -5,7 +5,8 @@ model loading is reported separately. The tiny models make this a measure of the
 batching saves, not of real model speed. The random VLM never stops early, so its captions are VLM_TOKENS long.
 
 Run: `.venv/bin/python bench/auto_label.py` (add --write to update bench/RESULTS.md; --modes wd14,vlm measures only
-those modes).
+those modes). On a machine busy with other work, set OMP_NUM_THREADS=1: torch's threads wait on each other at every
+op when the cores are taken, and rates then swing tenfold from run to run.
 """
 
 from __future__ import annotations

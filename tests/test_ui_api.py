@@ -12,6 +12,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from safetensors.torch import save_file
 
+from studio.config import load_preset
 from studio.ui.app import build_app, launch
 
 
@@ -125,7 +126,8 @@ def test_image_flow_train_preview_export(app, demo, tmp_path):
     assert status.startswith("✔"), status
     state = wait_for_job(client)
     assert state["status"] == "done", state
-    assert state["step"] == state["total"] == 20 and len(state["losses"]) == 20
+    steps = load_preset("demo-image")["max_train_steps"]
+    assert state["step"] == state["total"] == steps and len(state["losses"]) == steps
     assert any("[start]" in line for line in state["log"]) and state["samples"]  # progress events and samples
     adapter = studio.workspace.runs / "shapes-lora" / "shapes-lora.safetensors"
     assert state["files"][0] == str(adapter) and adapter.is_file()

@@ -178,6 +178,8 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         pipe = StableDiffusionPipeline.from_pretrained(build_tiny_sd15(tmp, seed=args.seed))
+    for part in (pipe, pipe.unet, pipe.vae):
+        part.register_to_config(_name_or_path="tiny-sd15")  # not the temporary folder it was built in
     pipe.set_progress_bar_config(disable=True)
     vae_loss = train_vae(pipe.vae, args.vae_steps, batch=16, rng=rng)
     pipe.vae.requires_grad_(False)

@@ -16,8 +16,6 @@ BACKGROUND = (245, 245, 245)
 # What the demo LoRA teaches (build_demo_images): a colour the base model cannot draw, so a strength sweep shows it.
 TAUGHT_COLOUR = "pink"
 PALETTE = {**COLOURS, TAUGHT_COLOUR: (250, 110, 200)}
-# Mixed aspect ratios so aspect-ratio bucketing has something to do.
-SIZES = [(96, 96), (128, 96), (96, 128)]
 
 DEMO_QA = [
     ("What is the capital of France?", "Paris."),
@@ -49,7 +47,8 @@ def caption(colour: str, shape: str) -> str:
 
 
 def build_demo_images(out_dir: str | Path) -> Path:
-    """Eight images of TAUGHT_COLOUR shapes (sizes and places vary) with a metadata.csv of captions."""
+    """Eight 96 px images of TAUGHT_COLOUR shapes (sizes and places vary) with a metadata.csv of captions. Square, as
+    the previews are: trained on other aspect ratios the tiny model learns the colour less surely at 64×64."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     captions = {}
@@ -57,7 +56,7 @@ def build_demo_images(out_dir: str | Path) -> Path:
         shape = SHAPES[i % len(SHAPES)]
         name = f"{TAUGHT_COLOUR}_{shape}_{i}.png"
         scale, centre = 0.5 + 0.05 * (i % 4), (0.45 + 0.05 * (i % 3), 0.55 - 0.05 * (i % 3))
-        draw_shape(shape, TAUGHT_COLOUR, SIZES[i % len(SIZES)], scale, centre).save(out_dir / name)
+        draw_shape(shape, TAUGHT_COLOUR, (96, 96), scale, centre).save(out_dir / name)
         captions[name] = caption(TAUGHT_COLOUR, shape)
     write_csv_captions(out_dir / "metadata.csv", captions)
     return out_dir
