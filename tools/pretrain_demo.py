@@ -50,8 +50,9 @@ def drawing(rng: random.Random, colour: str, shape: str) -> torch.Tensor:
 
 
 def palette_shapes(rng: random.Random, n: int) -> torch.Tensor:
-    """The VAE's images: shapes in every PALETTE colour, the demo LoRA's one included: a VAE encodes all colours (the
-    tiny one learns a few well, not the whole colour space)."""
+    """The VAE's images: shapes in every PALETTE colour, the demo LoRA's included. A VAE must encode every colour the
+    model may draw; this tiny one learns a handful of colours well, but not arbitrary ones (its colours end up on
+    one latent axis), so the palette is all it sees."""
     return torch.stack([drawing(rng, rng.choice(list(PALETTE)), rng.choice(SHAPES)) for _ in range(n)])
 
 
@@ -80,7 +81,9 @@ def train_vae(vae, steps: int, batch: int, rng: random.Random) -> float:
         loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
         if step % 100 == 0 or step == steps:
             print(f"vae step {step}/{steps}: loss {loss.item():.5f}", flush=True)
     vae.eval()
@@ -112,8 +115,8 @@ def encode_captions(pipe, captions: list[str]) -> torch.Tensor:
 
 def loss_weight(snr: torch.Tensor) -> torch.Tensor:
     """Epsilon-loss weights: min-SNR-5 (Hang et al. 2023) where the noise is low; where it is high, where the colour of
-    the shape is decided, the error in the implied image (1/SNR, capped at 20): with the plain epsilon loss the tiny
-    model learnt layouts well but drew a random base colour for some seeds."""
+    the shape is decided, the error in the implied image (1/SNR, capped at 20): with min-SNR weighting alone the tiny
+    model learnt the shapes but drew the wrong base colour for some seeds."""
     return torch.maximum(snr.clamp(max=5.0) / snr, (1 / snr).clamp(max=20.0))
 
 
@@ -124,7 +127,8 @@ def train_denoiser(pipe, steps: int, batch: int, images: int, rng: random.Random
         latents = torch.cat([pipe.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
     latents = latents * pipe.vae.config.scaling_factor
     scheduler, unet, text_encoder = pipe.scheduler, pipe.unet, pipe.text_encoder
-    unet.train(), text_encoder.train()
+    unet.train()
+    text_encoder.train()
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     schedule = get_cosine_schedule_with_warmup(optimizer, 100, steps)
@@ -140,11 +144,14 @@ def train_denoiser(pipe, steps: int, batch: int, images: int, rng: random.Random
         loss = (per_sample * loss_weight(compute_snr(scheduler, timesteps))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
         average = loss.item() if average is None else 0.98 * average + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
             print(f"denoiser step {step}/{steps}: loss {loss.item():.4f} (running mean {average:.4f})", flush=True)
-    unet.eval(), text_encoder.eval()
+    unet.eval()
+    text_encoder.eval()
     return average
 
 

@@ -74,7 +74,7 @@ def _image_section(studio: Studio) -> ImageControls:
                             scale=3, allow_custom_value=True, elem_id=f"preview-adapter-{i + 1}"),
                 gr.Slider(0, MAX_STRENGTH, value=1.0, step=0.05, label=f"Strength {i + 1}", scale=2)))
     with gr.Row():
-        prompt = gr.Textbox(label="Prompt", value="a red circle, flat colour, white background", scale=3)
+        prompt = gr.Textbox(label="Prompt", value="a pink circle, flat colour, white background", scale=3)
         negative = gr.Textbox(label="Negative prompt", scale=2)
     with gr.Row():
         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
