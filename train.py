@@ -87,9 +87,11 @@ def train_indexed(fitted, stop: threading.Event):
     from studio.loop import train
     from studio.run_index import RunIndex
 
+    index = RunIndex.for_output_dir(fitted.cfg.output_dir) if distributed.reports_run() else None
+    if not distributed.launched():  # the processes of a launch train where the launching process decided
+        fitted = beside_earlier_runs(fitted, index)
     cfg = fitted.cfg
     listeners = [tqdm_listener()]
-    index = RunIndex.for_output_dir(cfg.output_dir) if distributed.reports_run() else None
     if index:
         run = Path(cfg.output_dir).name
         index.record_start(run, to_yaml(cfg), family=fitted.family, task_type=cfg.task_type)
@@ -97,6 +99,21 @@ def train_indexed(fitted, stop: threading.Event):
     if distributed.needs_launch(cfg):  # relaunch as num_processes processes; they draw their own progress bar
         return distributed.launch_and_follow(cfg, EventSink(listeners[1:]), stop, console=True)
     return train(cfg, EventSink(listeners), stop, fitted=fitted)
+
+
+def beside_earlier_runs(fitted, index):
+    """A new run never trains over an earlier one: an output_dir that holds a run (or is taken in the workspace's
+    index) gives way to `name-2`, `name-3`, ... as the studio does; resume_from keeps it."""
+    from dataclasses import replace
+
+    from studio.jobs import with_unique_name
+
+    cfg, renamed = with_unique_name(index, fitted.cfg)
+    if renamed:
+        print(f"{fitted.cfg.output_dir} already holds a run, so this run writes to {cfg.output_dir}. To continue "
+              "that run instead, run again with --set resume_from=latest (and a higher max_train_steps).",
+              file=sys.stderr)
+    return replace(fitted, cfg=cfg)
 
 
 def run_queue(args, stop: threading.Event) -> int:

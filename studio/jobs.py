@@ -17,7 +17,7 @@ from pathlib import Path
 from studio.config import RunConfig, config_from_dict, parse_yaml, to_yaml
 from studio.errors import StudioError
 from studio.events import FINAL_KINDS, Event, EventSink, read_events
-from studio.run_index import INTERRUPTED, QUEUED, RunIndex, RunRecord
+from studio.run_index import INTERRUPTED, QUEUED, RunIndex, RunRecord, first_free_name
 
 
 @dataclass
@@ -255,14 +255,19 @@ def _job_from_record(record: RunRecord, index: RunIndex, fitted) -> _Job:
     return _Job(cfg, record.name, cfg.output_dir, fitted)
 
 
-def with_unique_name(index: RunIndex, cfg: RunConfig) -> tuple[RunConfig, str]:
+def with_unique_name(index: RunIndex | None, cfg: RunConfig) -> tuple[RunConfig, str]:
     """`cfg` under a run name nobody has taken (`style-2`, `style-3`, ...), and a note saying so when it changed; a
-    config resuming its own run keeps its name."""
+    config resuming its own run keeps its name. Without an index (an output_dir outside a workspace) a folder that
+    holds anything is taken: a finished run is never trained over."""
     out = Path(cfg.output_dir)
     if cfg.resume_from:
         return cfg, ""
-    free = index.unique_name(out.name)
+    free = index.unique_name(out.name) if index else first_free_name(out.name, lambda n: _holds_files(out.with_name(n)))
     if free == out.name:
         return cfg, ""
     return (replace(cfg, output_dir=str(out.with_name(free))),
             f"The run name '{out.name}' is taken, so this run is '{free}'.")
+
+
+def _holds_files(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))

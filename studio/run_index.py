@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from studio.errors import StudioError
 from studio.events import Event, read_events
@@ -123,11 +123,7 @@ class RunIndex:
     def _unique(self, con: sqlite3.Connection, name: str) -> str:
         taken = {row["name"] for row in con.execute("SELECT name FROM runs")}
         taken |= {p.name for p in self.runs_dir.iterdir()} if self.runs_dir.is_dir() else set()
-        if name not in taken:
-            return name
-        stem, _, number = name.rpartition("-")
-        base = stem if stem and number.isdigit() else name
-        return next(f"{base}-{i}" for i in range(2, 100_000) if f"{base}-{i}" not in taken)
+        return first_free_name(name, taken.__contains__)
 
     # --- the queue ----------------------------------------------------------------------------------------------------
     def enqueue(self, name: str, config_yaml: str, *, family: str = "", task_type: str = "",
@@ -257,6 +253,15 @@ class RunIndex:
             pending.clear()
 
         return listen
+
+
+def first_free_name(name: str, taken: Callable[[str], bool]) -> str:
+    """`name`, or `name-2`, `name-3`, ... : the first for which `taken` says no (`style-2` taken gives `style-3`)."""
+    if not taken(name):
+        return name
+    stem, _, number = name.rpartition("-")
+    base = stem if stem and number.isdigit() else name
+    return next(f"{base}-{i}" for i in range(2, 100_000) if not taken(f"{base}-{i}"))
 
 
 def apply_event(values: dict, event: Event, best: tuple[float, int] | None) -> dict:

@@ -71,3 +71,22 @@ def test_known_library_noise_is_not_printed():
             "from transformers import CLIPImageProcessor\nCLIPImageProcessor()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and "torchvision" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow  # three subprocess CLI runs
+def test_a_finished_run_is_never_trained_over(demo, tmp_path):
+    """The config of a finished run, run again, trains beside it (`out-2`); resume_from=latest continues it."""
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(f"preset: demo-image\nbase_model: {demo.sd15}\ntrain_data_dir: {demo.images}\n"
+                   f"output_dir: {tmp_path / 'out'}\nmax_train_steps: 2\nsave_steps: 2\nsample_prompts: []\n")
+    assert run("--config", str(cfg)).returncode == 0
+    adapter = tmp_path / "out" / "out.safetensors"
+    before = adapter.read_bytes(), (tmp_path / "out" / "events.jsonl").read_text()
+    again = run("--config", str(tmp_path / "out" / "config.yaml"))
+    assert again.returncode == 0, again.stderr
+    assert f"so this run writes to {tmp_path / 'out-2'}" in again.stderr and "resume_from=latest" in again.stderr
+    assert (adapter.read_bytes(), (tmp_path / "out" / "events.jsonl").read_text()) == before
+    assert (tmp_path / "out-2" / "out-2.safetensors").is_file()
+    more = run("--config", str(cfg), "--set", "resume_from=latest", "max_train_steps=3")
+    assert more.returncode == 0, more.stderr
+    assert "Done: step 3/3" in more.stdout and not (tmp_path / "out-3").exists()
