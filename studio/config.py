@@ -92,7 +92,8 @@ class RunConfig:
 
     # --- LoRA ------------------------------------------------------------------------------------------------------
     lora_rank: int = _f(8, "LoRA rank (dim).", min=1, max=1024)
-    lora_alpha: Optional[float] = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: rank.", min=0.0)
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha; the update is scaled by alpha/rank. Default: lora_rank "
+                                     "(scale 1), on every model family; a preset may set its own.", min=0.0)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0)
     network_type: str = _f("lora", "Adapter type: lora; locon (LoRA on the conv layers too); loha, lokr (LyCORIS "
                            "Hadamard / Kronecker products); dora (weight-decomposed LoRA). Images: exported in the "
@@ -124,6 +125,9 @@ class RunConfig:
     mixed_precision: str = _f("auto", "Autocast precision; 'auto' is bf16 where the GPU has it, fp16 (with loss "
                               "scaling) on older GPUs, fp32 ('no') on the CPU.", choices=["auto", "no", "fp16", "bf16"])
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
+    offload_activations: bool = _f(False, "LLMs with gradient checkpointing: keep each layer's checkpointed input "
+                                   "in CPU memory until the backward needs it (copied while the GPU computes): "
+                                   "long max_length on smaller cards, for a few % more time per step.")
     torch_compile: bool = _f(False, "Compile the UNet / LLM with torch.compile: faster steps on GPUs after "
                              "a minute or more of compiling.")
     load_in_4bit: bool = _f(False, "Store the frozen base in 4-bit NF4 and compute in 16-bit (bitsandbytes, needs "

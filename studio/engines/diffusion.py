@@ -38,9 +38,11 @@ from studio.export.metadata import ImageFacts
 from studio.export.selftest import check_lora
 from studio.families import AUTO
 from studio.hardware import storage_dtype, to_device
-from studio.models.nf4 import quantize_linears_nf4
 from studio.models.pipelines import load_pipeline
 from studio.preview.images import render
+from studio.residency import Residency, decide
+
+ENCODE_CHUNK = 16  # captions encoded at once: bounds the text encoders' activations, whatever the dataset's size
 
 
 @dataclass
@@ -75,29 +77,28 @@ class DiffusionEngine(Engine):
                               if getattr(pipe, name, None) is not None}
         for module in (self.denoiser, pipe.vae, *self.text_encoders.values()):
             module.requires_grad_(False)
-        if cfg.load_in_4bit:  # layer by layer onto the device: the card never holds the 16-bit denoiser
-            quantize_linears_nf4(self.denoiser, self.device, compute_dtype=self.autocast or self.weight_dtype)
-        pipe.to(self.device)
         pipe.vae.to(torch.float32)  # the SD VAEs overflow in fp16; it runs once per image anyway
         self.noise_scheduler = self.recipe.noise_scheduler(pipe)
-        if cfg.fp8_base:  # before LoRA is attached: only the frozen base layers are stored in fp8
-            self.denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
-                                                   compute_dtype=self.autocast or self.weight_dtype)
+        # Everything is on the CPU now; each phase brings to the device only what it needs (studio/residency.py).
+        # fp8 storage is cast here, on the CPU, before LoRA is attached: only the frozen base layers are fp8.
+        self.residency = self._residency()
+        # Frozen text encoders see each distinct caption once; shuffled tags make captions too varied to cache.
+        self.text_cache: dict[str, tuple] | None = (
+            {} if not cfg.train_text_encoder and not cfg.shuffle_tags else None)
+        self.prompt_inputs: dict[str, dict] = {}  # sample prompt → the pipeline's embeddings of it (on the CPU)
+        self.disk_cache = self._open_disk_cache() if cfg.cache_latents_to_disk else None
+        if self.text_cache is not None:
+            self._cache_all_captions()
+        self._bucket_and_cache()
+        self.residency.enter("train")  # the denoiser arrives in its storage format (NF4: quantized on the way)
         self._attach_lora()
+        self.residency.stream_blocks()
         if cfg.init_lora:
             self._load_init_lora(Path(cfg.init_lora))
         self._log_attention()
         if cfg.torch_compile:
             self.denoiser.compile()  # in place: parameter names, and so the LoRA keys, stay as they are
 
-        self.disk_cache = self._open_disk_cache() if cfg.cache_latents_to_disk else None
-        self._bucket_and_cache()
-        # Frozen text encoders see each distinct caption once; shuffled tags make captions too varied to cache.
-        self.text_cache: dict[str, tuple] | None = (
-            {} if not cfg.train_text_encoder and not cfg.shuffle_tags else None)
-        self._encoders_offloaded = False
-        if self.text_cache is not None:
-            self._cache_all_captions()
 
     def _training_then_held_out(self) -> list[DatasetItem]:
         """Every image, training ones first and then the held-out ones (from validation_dir or split off by
@@ -117,30 +118,52 @@ class DiffusionEngine(Engine):
         self.train_count = len(items)
         return items + held
 
-    def _cache_all_captions(self) -> None:
-        """Every caption a step can see, encoded up front; then the family's large encoders leave the device."""
-        captions = sorted(set(self._plain_captions) | ({""} if self.cfg.caption_dropout else set()))
-        self._cached_text(captions)
-        if self.recipe.offload_encoders and self.device.type != "cpu":
-            for encoder in self.text_encoders.values():
-                encoder.to("cpu")
-            self._encoders_offloaded = True
-            self.events.emit("log", message=f"Cached {len(captions)} caption embeddings; text encoders moved off "
-                                            f"the {self.device.type} device.")
+    def _residency(self) -> Residency:
+        from studio.hardware import detect
+        from studio.plan.fit import card_memory
+        from studio.plan.memory import CUDA_CONTEXT_GB
+
+        card = card_memory(self.cfg, detect()) if self.device.type == "cuda" else None
+        decisions = decide(self.cfg, self.recipe.denoiser, self.text_encoders, card, CUDA_CONTEXT_GB)
+        components = {self.recipe.denoiser: self.denoiser, "vae": self.pipe.vae, **self.text_encoders}
+        blocks = self.recipe.swap_blocks(self.denoiser) if decisions.blocks_to_swap else None
+        return Residency(components, decisions, self.device, self.autocast or self.weight_dtype, blocks,
+                         log=lambda text: self.events.emit("log", message=text))
 
     @contextmanager
-    def _encoders_on_device(self) -> Iterator[None]:
-        """The text encoders on the device for a moment (sample prompts, a caption not cached yet)."""
-        if not self._encoders_offloaded:
-            yield
-            return
-        for encoder in self.text_encoders.values():
-            encoder.to(self.device)
+    def _in_phase(self, phase: str) -> Iterator[None]:
+        """`phase`'s components on the device for a moment (a caption or prompt not cached yet, new latents after a
+        back-off, samples), then back to the phase the run was in."""
+        before = self.residency.phase
+        self.residency.enter(phase)
         try:
             yield
         finally:
-            for encoder in self.text_encoders.values():
-                encoder.to("cpu")
+            if before is not None and before != phase:
+                self.residency.enter(before)
+
+    def _cache_all_captions(self) -> None:
+        """Every caption a step can see and every sample prompt, encoded up front in the encode phase: the text
+        encoders leave the device before the denoiser arrives."""
+        captions = sorted(set(self._plain_captions) | ({""} if self.cfg.caption_dropout else set()))
+        self._cached_text(captions)
+        self._prompt_inputs(list(self.cfg.sample_prompts))
+        self.events.emit("log", message=f"Cached {len(captions)} caption embeddings"
+                         + (f" and {len(self.cfg.sample_prompts)} sample prompt(s)." if self.cfg.sample_prompts
+                            else "."))
+
+    def _prompt_inputs(self, prompts: list[str]) -> dict[str, dict]:
+        """The pipeline's embeddings of each sample prompt, encoded in an encode phase when not cached yet; {} when
+        the text is not cached (a trained text encoder changes them: the pipeline encodes live)."""
+        if self.text_cache is None:
+            return {}
+        new = [p for p in dict.fromkeys(prompts) if p not in self.prompt_inputs]
+        if new:
+            with self._in_phase("encode"), torch.no_grad():
+                for prompt in new:
+                    inputs = self.recipe.prompt_inputs(self.pipe, prompt, self.residency.encode_device)
+                    self.prompt_inputs[prompt] = {k: v.cpu() for k, v in inputs.items()}
+        return {p: self.prompt_inputs[p] for p in prompts}
 
     def _attach_lora(self) -> None:
         cfg = self.cfg
@@ -186,7 +209,9 @@ class DiffusionEngine(Engine):
         buckets = make_buckets(self.side, step) if cfg.enable_bucket else [(self.side, self.side)]
         self.item_buckets = [pick_bucket(item.size, buckets) for item in self.items]
         self.latent_cache = None  # the old cache's memory is free before the new one is encoded
-        self.latent_cache = self._encode_all_latents() if cfg.cache_latents and not cfg.random_flip else None
+        if self.residency.decisions.latents_cached:
+            with self._in_phase("cache"):  # the VAE alone on the device, then it leaves
+                self.latent_cache = self._encode_all_latents()
 
     def apply_length(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -311,13 +336,14 @@ class DiffusionEngine(Engine):
         return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.recipe.encode_text(self.pipe, captions, self.device)
+        device = self.device if self.text_cache is None else self.residency.encode_device
+        return self.recipe.encode_text(self.pipe, captions, device)
 
     @torch.no_grad()
     def _cached_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         new = sorted({c for c in captions if c not in self.text_cache})
         if new:
-            with self._encoders_on_device():
+            with self._in_phase("encode"):
                 for caption, features in zip(new, self._text_features(new)):
                     self.text_cache[caption] = (features["embeds"].to(self.device),
                                                 features["pooled"].to(self.device) if "pooled" in features else None)
@@ -327,9 +353,13 @@ class DiffusionEngine(Engine):
 
     def _text_features(self, captions: list[str]) -> list[Features]:
         def encode(positions: list[int]) -> list[Features]:
-            embeds, pooled = self._encode_text([captions[p] for p in positions])
-            return [{"embeds": embeds[i], **({"pooled": pooled[i]} if pooled is not None else {})}
-                    for i in range(len(positions))]
+            features = []
+            for start in range(0, len(positions), ENCODE_CHUNK):  # a chunk's activations at a time
+                chunk = positions[start:start + ENCODE_CHUNK]
+                embeds, pooled = self._encode_text([captions[p] for p in chunk])
+                features += [{"embeds": embeds[i], **({"pooled": pooled[i]} if pooled is not None else {})}
+                             for i in range(len(chunk))]
+            return features
 
         if self.disk_cache is None:
             return encode(list(range(len(captions))))
@@ -344,6 +374,10 @@ class DiffusionEngine(Engine):
         else:
             embeds, pooled = batch.embeds, batch.pooled
         return self.recipe.loss(self, latents, embeds.to(self.device), pooled, batch.conditioning, rng)
+
+    def validation_loss(self) -> float | None:
+        with self._in_phase("validate"):
+            return super().validation_loss()
 
     def param_groups(self) -> list[dict]:
         denoiser = [p for p in self.denoiser.parameters() if p.requires_grad]
@@ -369,6 +403,10 @@ class DiffusionEngine(Engine):
                 raise StudioError(f"Adapter weights do not fit {prefix}: unexpected {result.unexpected_keys[:3]}.")
 
     def export(self, out_dir: Path, metadata: dict[str, str], name: str | None = None) -> list[Path]:
+        with self._in_phase("save"):
+            return self._export(out_dir, metadata, name)
+
+    def _export(self, out_dir: Path, metadata: dict[str, str], name: str | None) -> list[Path]:
         file = out_dir / f"{name or self.cfg.name}.safetensors"
         tensors = self.recipe.to_file(self.adapter_state(), Scaling.of(self.cfg))
         test = check_lora(tensors, self.pipe, self.family)
@@ -391,11 +429,13 @@ class DiffusionEngine(Engine):
     def sample(self, prompts: list[str], out_dir: Path, step: int) -> list[Sample]:
         out_dir.mkdir(parents=True, exist_ok=True)
         samples = []
+        inputs = self._prompt_inputs(prompts)
         for i, prompt in enumerate(prompts):
-            with self._encoders_on_device(), torch.autocast(self.device.type, dtype=self.autocast,
-                                                            enabled=self.autocast is not None):
+            embeds = {k: v.to(self.device) for k, v in inputs[prompt].items()} if prompt in inputs else None
+            with self._in_phase("sample"), torch.autocast(self.device.type, dtype=self.autocast,
+                                                          enabled=self.autocast is not None):
                 image = render(self.pipe, prompt, seed=self.cfg.seed + i, steps=self.cfg.sample_inference_steps,
-                               width=self.side, height=self.side)
+                               width=self.side, height=self.side, embeds=embeds)
             path = out_dir / f"step-{step:06d}-{i}.png"
             image.save(path)
             samples.append(Sample(prompt, image_path=path))
@@ -407,8 +447,10 @@ class DiffusionEngine(Engine):
                 **network_header(self.cfg)}
 
     def header_facts(self) -> ImageFacts:
+        variant = getattr(self.recipe, "modelspec_architecture", None)  # a family whose models differ (schnell)
         return ImageFacts(self.family, self.noise_scheduler.config.get("prediction_type"),
-                          Path(self.cfg.train_data_dir).name, self._plain_captions[:self.train_count])
+                          Path(self.cfg.train_data_dir).name, self._plain_captions[:self.train_count],
+                          variant(self.pipe) if variant else "")
 
     def _file_names(self, peft_state: dict[str, torch.Tensor]) -> dict[str, str]:
         """peft key → key in the exported file, found by running the real conversion on tensors tagged with their

@@ -40,6 +40,7 @@ class ImageFacts:
     prediction_type: str | None  # the noise scheduler's, in diffusers' names
     folder: str  # the dataset folder's name: kohya's key in ss_dataset_dirs and ss_tag_frequency
     captions: list[str]  # one per image, as trained (trigger word first)
+    architecture: str = ""  # ModelSpec's architecture of this base when it is not the family's (Flux.1 schnell)
 
 
 def header_fields(cfg: RunConfig, image: ImageFacts | None, *, steps: int, samples: int, seconds: float,
@@ -64,14 +65,14 @@ def image_fields(cfg: RunConfig, image: ImageFacts, finished: float) -> dict[str
         "ss_dataset_dirs": json.dumps({image.folder: {"n_repeats": cfg.repeats, "img_count": len(image.captions)}}),
         "ss_tag_frequency": json.dumps({image.folder: tag_frequency(image.captions)}),
         **modelspec(image.family, title=cfg.name, side=cfg.resolution, timestamp=finished,
-                    prediction_type=image.prediction_type),
+                    prediction_type=image.prediction_type, architecture=image.architecture),
     }
 
 
 def modelspec(family: Family, *, title: str, side: int, timestamp: float,
-              prediction_type: str | None) -> dict[str, str]:
+              prediction_type: str | None, architecture: str = "") -> dict[str, str]:
     fields = {"modelspec.sai_model_spec": MODELSPEC_VERSION,
-              "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+              "modelspec.architecture": f"{architecture or family.modelspec_architecture}/lora",
               "modelspec.implementation": family.modelspec_implementation, "modelspec.title": title,
               "modelspec.resolution": f"{side}x{side}",
               "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat()}

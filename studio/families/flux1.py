@@ -128,6 +128,10 @@ class FluxRecipe:
                 "pooled_projections": meta(1, config.pooled_projection_dim), "encoder_hidden_states": embeds,
                 "txt_ids": meta(embeds.shape[1], 3), "img_ids": meta(tokens, 3)}
 
+    def modelspec_architecture(self, pipe) -> str:
+        """kohya's sai_model_spec names dev and schnell apart (schnell has no guidance embedder)."""
+        return "flux-1-dev" if pipe.transformer.config.guidance_embeds else "flux-1-schnell"
+
     def sampling(self, pipe) -> dict:
         """Sample / preview defaults: schnell is distilled to ~4 steps without guidance; dev ~28 at guidance 3.5."""
         dev = pipe.transformer.config.guidance_embeds
@@ -151,11 +155,13 @@ register(Family(
     config_dir="flux1-dev", native_resolution=1024, trains_text_encoder=False, quantized_base=("fp8", "nf4"),
     webui_version="flux1", lora_loaders=("Forge", "ComfyUI", "diffusers"),
     network_module="networks.lora_flux",
-    # kohya names schnell "flux-1-schnell"; the family covers both and Forge knows Flux by the implementation
+    # dev's; a schnell base gets kohya's "flux-1-schnell" (FluxRecipe.modelspec_architecture), and Forge knows both
+    # as Flux by the implementation
     modelspec_architecture="flux-1-dev", modelspec_implementation="https://github.com/black-forest-labs/flux",
     lora_markers=("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_",
                   "diffusion_model.double_blocks.", "double_blocks."),
     # Flux captions are sentences for T5, not tag lists: unshuffled, every caption's embedding is cached and T5
-    # (9.5 GB) leaves the card before the first step.
-    preset_values={"learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": 16, "shuffle_tags": False},
+    # (9.5 GB) leaves the card before the first step. lora_alpha None: alpha follows the rank (scale 1), as --help says,
+    # also when the user sets only lora_rank.
+    preset_values={"learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": None, "shuffle_tags": False},
 ))
