@@ -59,6 +59,11 @@ class FluxRecipe:
                                                max_sequence_length=self.max_sequence_length(pipe))
         return embeds, pooled
 
+    def prompt_inputs(self, pipe, prompt: str, device) -> dict:
+        """A sample prompt as the pipeline's embeddings, encoded in the encode phase (T5 need not be on the card)."""
+        embeds, pooled = self.encode_text(pipe, [prompt], device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
     def size_conditioning(self, sizes, buckets) -> None:
         return None
 

@@ -48,6 +48,13 @@ class UNetRecipe:
                                  do_classifier_free_guidance=False)
         return out[0], None
 
+    def prompt_inputs(self, pipe, prompt: str, device) -> dict:
+        """A sample prompt as the pipeline's embeddings (with the empty negative prompt's for guidance), encoded in
+        the encode phase: sampling then needs no text encoder on the card."""
+        embeds, negative = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=True)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
     def size_conditioning(self, sizes: list[tuple[int, int]], buckets: list[tuple[int, int]]) -> torch.Tensor | None:
         return None
 

@@ -21,6 +21,12 @@ class SDXLRecipe(UNetRecipe):
                                  do_classifier_free_guidance=False)
         return out[0], out[2]  # penultimate hidden states of both encoders, pooled output of the second
 
+    def prompt_inputs(self, pipe, prompt: str, device) -> dict:
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
+
     def size_conditioning(self, sizes: list[tuple[int, int]], buckets: list[tuple[int, int]]) -> torch.Tensor:
         """(original h, w, crop top, left, target h, w) per sample: the image as if resized to cover its bucket."""
         import torch

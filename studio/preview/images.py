@@ -26,9 +26,11 @@ MAX_LOADED_LORAS = 12  # kept in the pipeline (a sweep loads one per checkpoint)
 
 
 def render(pipe: DiffusionPipeline, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int | None = None,
-           width: int | None = None, height: int | None = None, guidance_scale: float | None = None) -> Image.Image:
+           width: int | None = None, height: int | None = None, guidance_scale: float | None = None,
+           embeds: dict | None = None) -> Image.Image:
     """One image, reproducible from `seed` (the generator lives on the CPU so every device draws the same noise).
-    Steps and guidance left None take the family's defaults (e.g. Flux.1 schnell: 4 steps, no guidance)."""
+    Steps and guidance left None take the family's defaults (e.g. Flux.1 schnell: 4 steps, no guidance). `embeds`:
+    the prompt already encoded (the family recipe's `prompt_inputs`), so no text encoder needs to be on the card."""
     family = family_of_pipeline_class(type(pipe).__name__)
     settings = family.load_recipe().sampling(pipe)
     if steps is not None:
@@ -36,8 +38,8 @@ def render(pipe: DiffusionPipeline, prompt: str, *, negative_prompt: str = "", s
     if guidance_scale is not None:
         settings["guidance_scale"] = float(guidance_scale)
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    return pipe(prompt, negative_prompt=negative_prompt or None, width=width, height=height, generator=generator,
-                **settings).images[0]
+    text = embeds if embeds is not None else {"prompt": prompt, "negative_prompt": negative_prompt or None}
+    return pipe(**text, width=width, height=height, generator=generator, **settings).images[0]
 
 
 class ImagePreviewer:
