@@ -31,6 +31,11 @@ class FluxRecipe:
     conv_targets = ()
     offload_encoders = True  # T5-XXL is 9.5 GB in bf16: off the card once every caption is cached
 
+    def swap_blocks(self, transformer) -> list[torch.nn.Module]:
+        """What blocks_to_swap counts, in the order they run: the 19 double-stream blocks, then the 38 single-stream
+        ones (dev; kohya swaps the same blocks). The last ones are swapped first."""
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
     def check(self, cfg) -> list[str]:
         problems = []
         if cfg.train_text_encoder:

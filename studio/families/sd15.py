@@ -6,6 +6,7 @@ The module imports no torch at the top: the registry is read by the UI at start-
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from typing import TYPE_CHECKING
 
 from studio.families import Family, Shapes, register
@@ -33,6 +34,25 @@ class UNetRecipe:
 
     def check(self, cfg) -> list[str]:
         return []
+
+    def swap_blocks(self, unet) -> list[torch.nn.Module]:
+        """What blocks_to_swap counts, in the order they run: each stage's resnets and the transformer blocks inside
+        its attentions (SDXL: 87 units, 98 % of the UNet's weights, none over 2 % of it; SD1.5: 38 units, 91 %).
+        Swapping whole down / mid / up stages would give SDXL only 7 very uneven steps (up_blocks.0 alone is
+        47 %), and two stages in flight would hold most of the UNet. The last ones (up blocks) are swapped first."""
+        units = []
+        stages = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+        for stage in stages:
+            resnets = list(stage.resnets)
+            attentions = [list(a.transformer_blocks) for a in getattr(stage, "attentions", None) or []]
+            if stage is unet.mid_block:  # a resnet, then (attention, resnet) pairs
+                units.append(resnets.pop(0))
+                pairs = zip_longest(attentions, [[r] for r in resnets], fillvalue=[])
+            else:  # (resnet, attention) pairs
+                pairs = zip_longest([[r] for r in resnets], attentions, fillvalue=[])
+            for first, second in pairs:
+                units += [*first, *second]
+        return units
 
     def noise_scheduler(self, pipe):
         from diffusers import DDPMScheduler

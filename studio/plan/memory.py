@@ -20,6 +20,7 @@ from studio.families import get_family
 from studio.hardware import HALF_DTYPES, storage_dtype
 from studio.plan import probes
 from studio.plan.probes import Built, Shape
+from studio.plan.terms import train_terms
 from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow, count_text
 
 CUDA_CONTEXT_GB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator statistics
@@ -56,6 +57,7 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
                         f"micro-batch {cfg.batch_size} at {length} {unit}, {ckpt} gradient checkpointing"))
     rows.append(PlanRow("backward working set", trace.backward_peak() * cfg.batch_size / GB,
                         "gradients of one block's activations"))
+    rows += train_terms(cfg, shape, length, found, trace, on_gpu)  # what the trace does not see (terms.py)
     captions = _image_count(cfg) if cfg.is_image and not cfg.train_text_encoder else 0
     if captions:  # frozen text encoders: each caption's embedding is cached on the device (latents stay in RAM)
         rows.append(PlanRow("cached text embeddings", captions * found.text_elements * size / GB,

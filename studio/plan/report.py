@@ -13,6 +13,7 @@ class PlanRow:
     name: str
     gb: float
     note: str = ""
+    formula: str = ""  # how the figure is computed (`--plan --verbose`)
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""What the training step holds that the meta-device trace does not see: named plan rows, each with its formula.
+
+Checked against peaks measured on an H200 (tests/fixtures/gpu_measured.json, tests/test_plan_truth.py). The
+trace counts what autograd saves in a 16-bit model; on the card the step also holds
+- autocast's casts: fp32 copies around norms, softmax and losses, 16-bit copies for each matmul reading them
+  (traced again under autocast's rules: studio/plan/autocast_trace.py), and the 16-bit copies of the fp32 LoRA
+  weights autocast keeps for the whole step;
+- the LM loss: the logits' fp32 gradient and log-softmax gradient at the start of backward (or one chunk of them
+  where studio.llm_loss runs the loss in chunks);
+- 4-bit LLMs: norms kept in fp32 (peft's k-bit preparation) turn the hidden states fp32 from the first norm on, and
+  bitsandbytes dequantizes each 4-bit layer to 16-bit for its matmul;
+- cuBLAS's workspace, which torch allocates through its own allocator.
+cuDNN's convolution workspaces are transient and chosen per kernel; the measured image peaks sit inside the
+planned ones without a row for them (the fit's 8 % margin covers the allocator's fragmentation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from studio.config import RunConfig
+from studio.plan.autocast_trace import trace_autocast
+from studio.plan.probes import Built, Shape
+from studio.plan.report import GB, PlanRow
+from studio.plan.trace import Trace
+
+CUBLAS_WORKSPACE = 8 * 4 * 2**20  # torch's default CUBLAS_WORKSPACE_CONFIG on Hopper and newer (4 MiB before)
+FP32 = 4
+
+
+def train_terms(cfg: RunConfig, shape: Shape, length: int, found: Built, trace: Trace, on_gpu: bool) -> list[PlanRow]:
+    """The rows the train phase adds to the traced plan (rows of zero bytes are left out)."""
+    if not on_gpu:
+        return []  # what the card holds beyond the trace; system RAM plans stay as traced
+    autocast = shape.dtype != torch.float32  # the engines autocast whenever they store 16-bit weights
+    size = torch.finfo(shape.dtype).bits // 8
+    rows = []
+    if autocast:
+        rows += _autocast_rows(cfg, shape, length, found, trace, size)
+    if not cfg.is_image:
+        rows.append(_lm_loss_row(cfg, length, found, trace))
+        if cfg.load_in_4bit and autocast:
+            rows.append(_fp32_hidden_row(cfg, trace))
+    if cfg.load_in_4bit:
+        rows.append(_dequantized_row(found, size))
+    rows.append(PlanRow("cuBLAS workspace", CUBLAS_WORKSPACE / GB, "torch allocates it on the first matmul",
+                        "8 × 4 MiB (CUBLAS_WORKSPACE_CONFIG default on Hopper+; 2 × 4 MiB before)"))
+    return [row for row in rows if row.gb > 0]
+
+
+def _autocast_rows(cfg: RunConfig, shape: Shape, length: int, found: Built, trace: Trace, size: int) -> list[PlanRow]:
+    cast = trace_autocast(shape, length)
+    ckpt = cfg.gradient_checkpointing
+    extra = (cast.activations(ckpt) + cast.backward_peak() - trace.activations(ckpt) - trace.backward_peak())
+    return [PlanRow("autocast copies of activations", max(0, extra) * cfg.batch_size / GB,
+                    "fp32 norms and losses, 16-bit copies for matmuls",
+                    "(saved bytes traced under autocast's cast rules − traced without) × micro-batch"),
+            PlanRow("autocast copies of LoRA weights", found.lora_params * size / GB,
+                    "kept by autocast for the whole step",
+                    f"LoRA parameters × {size} B")]
+
+
+def _lm_loss_row(cfg: RunConfig, length: int, found: Built, trace: Trace) -> PlanRow:
+    """At the start of backward the loss holds its gradients beside every saved activation; the plan's working
+    set (one unit's recompute and its gradients) is at another moment, so only the excess over it is added."""
+    vocab = found.model.config.vocab_size
+    tokens = cfg.batch_size * length
+    chunk = _loss_chunk_bytes(found.model, vocab)
+    loss = chunk if chunk is not None else 2 * tokens * vocab * FP32
+    planned = (trace.backward_peak() + (max(trace.unit_saved, default=0) if cfg.gradient_checkpointing else 0))
+    formula = ("one chunk of studio.llm_loss (logits, fp32 copy, log-softmax and gradients)" if chunk is not None
+               else f"2 × {tokens:,} tokens × {vocab:,} vocabulary × 4 B (fp32 log-softmax gradient and logits "
+                    "gradient)")
+    return PlanRow("LM loss gradients", max(0, loss - planned * cfg.batch_size) / GB,
+                   "fp32 gradients at the start of backward",
+                   f"{formula} − backward working set (and one unit's recompute with checkpointing)")
+
+
+def _loss_chunk_bytes(model: torch.nn.Module, vocab: int) -> int | None:
+    """What the engine's loss holds at its peak when it runs in chunks (studio.llm_loss), else None."""
+    try:
+        from studio.llm_loss import chunk_bytes, why_not_chunked
+    except ImportError:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return None if why_not_chunked(base) else chunk_bytes(vocab, 2)
+
+
+def _fp32_hidden_row(cfg: RunConfig, trace: Trace) -> PlanRow:
+    """fp32 norm weight × 16-bit input promotes to fp32, and 4-bit layers return their input's dtype: from the
+    first norm on the residual stream is fp32, twice the 16-bit bytes the trace counted."""
+    units = max(len(trace.unit_saved), 1)
+    if cfg.gradient_checkpointing:
+        extra = trace.unit_inputs * (units - 1) / units + max(trace.unit_saved, default=0) + trace.backward_peak()
+        formula = "(unit inputs × (layers − 1)/layers + one unit's recompute + its gradients) × micro-batch"
+    else:
+        extra = sum(trace.unit_saved)
+        formula = "every layer's saved bytes × micro-batch (each at most doubles from 16-bit to fp32)"
+    return PlanRow("fp32 hidden states (4-bit)", extra * cfg.batch_size / GB,
+                   "fp32 norms turn the layers' outputs fp32", formula)
+
+
+def _dequantized_row(found: Built, size: int) -> PlanRow:
+    """bitsandbytes' matmul for many tokens dequantizes the 4-bit weight to the compute dtype first (forward, and
+    again in backward for the input's gradient); one layer at a time."""
+    head = found.model.get_output_embeddings() if hasattr(found.model, "get_output_embeddings") else None
+    largest = max((m.weight.numel() for m in found.model.modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad), default=0)
+    return PlanRow("4-bit layer dequantized", largest * size / GB, "bitsandbytes' matmul on a 16-bit copy",
+                   f"largest 4-bit layer's {largest:,} weights × {size} B")

@@ -1,0 +1,79 @@
+"""The plan tells the truth on a real card: for every run measured on a GPU (tests/fixtures/gpu_measured.json, copied
+from the bench's results with their source named), the plan of the same config and card, built on the meta device,
+is at or above the measured peak and at most 15 % above it.
+
+Rows whose code path another open issue changed keep their measurement in the fixture and are skipped with the
+reason: only a new measurement may replace them."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from studio.plan import probes
+from studio.plan.memory import weight_dtype
+from studio.plan.probes import Shape
+from studio.plan.reference import fit_reference
+from studio.plan.report import CONTEXT_ROW
+
+pytestmark = pytest.mark.slow  # plans full-size SD1.5 and SDXL (about 20 s each, cold)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gpu_measured.json"
+ROWS = json.loads(FIXTURE.read_text(encoding="utf-8"))["rows"]
+HEADROOM = 1.15
+
+
+def _changed_path(row: dict) -> str | None:
+    """Why this row's measurement no longer describes what the code runs (None: it still does)."""
+    if row["outcome"].startswith("out of memory while loading"):
+        return f"{row['outcome']}: the load phase is planned by staged residency (issue 23), not by the train terms"
+    if "loss" in row["ran_with"] and importlib.util.find_spec("studio.llm_loss") is not None:
+        return ("measured with transformers' full-logits loss; the LLM engine now runs studio.llm_loss's chunked "
+                "loss (issue 25): needs a new measurement")
+    return None
+
+
+def _resident_then(row: dict, fitted) -> float:
+    """GB of the components the measured run held on the card in training that today's train phase moves off
+    (issue 23's staged residency): the plan of the run as measured counts them back, at the bytes it held them in."""
+    cfg = fitted.cfg
+    shape = Shape(fitted.family, cfg.base_model, cfg.lora_rank, tuple(cfg.target_modules) if cfg.target_modules
+                  else None, cfg.train_text_encoder and cfg.is_image, weight_dtype(cfg, True))
+    frozen = probes.build(shape).frozen
+    planned = {row.name: row.gb for row in fitted.plan.rows}
+    held = row["ran_with"].get("on_card_in_training", {})
+    return sum(frozen[name] * size for name, size in held.items() if not planned.get(f"{name} weights")) / 2**30
+
+
+TRAINED = [row for row in ROWS if not row["outcome"].startswith("out of memory in training")]
+OUT_OF_MEMORY = [row for row in ROWS if row["outcome"].startswith("out of memory in training")]
+
+
+@pytest.mark.parametrize("row", TRAINED, ids=[row["id"] for row in TRAINED])
+def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row):
+    reason = _changed_path(row)
+    if reason:
+        pytest.skip(reason)
+    fitted = _fit(row)
+    train = sum(row.gb for row in fitted.plan.rows if row.name != CONTEXT_ROW)  # the rows are the train phase's
+    planned = train + _resident_then(row, fitted)
+    measured = row["measured_alloc_gb"]
+    assert measured <= planned <= HEADROOM * measured, (
+        f"{row['id']}: planned {planned:.2f} GB, measured {measured:.2f} GB ({planned / measured:.3f}×)\n"
+        + fitted.plan.table())
+
+
+@pytest.mark.parametrize("row", OUT_OF_MEMORY, ids=[row["id"] for row in OUT_OF_MEMORY])
+def test_a_config_that_ran_out_of_memory_in_training_is_not_planned_to_fit(row):
+    reason = _changed_path(row)
+    if reason:
+        pytest.skip(reason)
+    plan = _fit(row).plan
+    assert not plan.fits, plan.table()
+
+
+def _fit(row: dict):
+    fitted = fit_reference(row["model"], row["card_gb"], **row["config"])
+    assert {key: getattr(fitted.cfg, key) for key in row["config"]} == row["config"]  # the very config measured
+    return fitted
