@@ -33,8 +33,8 @@ def build_t5_tokenizer() -> PreTrainedTokenizerFast:
                                    model_max_length=MAX_SEQUENCE_LENGTH)
 
 
-def tiny_flux_transformer(guidance: bool = True) -> FluxTransformer2DModel:
-    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+def tiny_flux_transformer(guidance: bool = True, layers: int = 1, single_layers: int = 1) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers,
                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
                                   pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
 
