@@ -26,7 +26,8 @@ from studio.errors import StudioError
 from studio.events import EventSink, read_events
 from studio.loop import train
 from studio.plan.memory import plan_memory
-from studio.ui.config_tab import GPU_KEY, form_widget, gpu_choice, set_config_key, yaml_to_form
+from studio.ui.config_form import GPU_KEY, form_widget, set_config_key, yaml_to_form
+from studio.ui.config_tab import gpu_choice
 from two_processes import two_process_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,7 +166,7 @@ def test_config_tab_offers_gpus_only_with_several(tmp_path):
     assert gpu_choice(1)["visible"] is False
     status, text = set_config_key(GPU_KEY, 2, "preset: demo-llm\n")
     assert yaml.safe_load(text) == {"preset": "demo-llm", "num_processes": 2}
-    from studio.ui.config_tab import FORM_KEYS
+    from studio.ui.config_form import FORM_KEYS
     assert yaml_to_form(text)[1 + FORM_KEYS.index(GPU_KEY)] == 2
 
 

@@ -328,3 +328,69 @@ def test_reload_reattaches_to_a_running_job_and_cancels_it(page, url, demo):
     page.locator("#stop-training").click()
     page.locator("#train-status").get_by_text("Stopped browser-long").wait_for()
     assert "[checkpoint] Saved stop checkpoint" in page.locator("#train-log textarea").input_value()
+
+
+def type_in_yaml(page, text):
+    """The user's own edit: typed at the end of the YAML editor."""
+    page.locator("#config-yaml .cm-content").click()
+    page.keyboard.press("Control+End")
+    page.keyboard.type(text)
+    page.wait_for_timeout(600)  # the editor reports its input
+
+
+def assert_beside(page, message, button):
+    """The answer to a press is in view right under the button pressed, not at the top of the tab."""
+    page.wait_for_timeout(300)  # the page scrolls to the answer
+    below = page.locator(message).bounding_box()["y"] - sum(page.locator(button).bounding_box()[k]
+                                                             for k in ("y", "height"))
+    height = page.viewport_size["height"]
+    box = page.locator(message).bounding_box()
+    assert 0 <= below < 150 and 0 <= box["y"] and box["y"] + box["height"] <= height, (message, below, box)
+
+
+def test_fill_and_load_replace_on_the_second_press_and_start_never_trains_a_refused_yaml(page):
+    """The studio's own YAML (filled, restored after a reload) is replaced at once; the user's edits on the second
+    press, the refusal shown beside the button; Start refuses while a replacement was refused."""
+    open_tab(page, "Config")
+    pick(page, "preset-picker", "Demo: tiny SD, shapes")
+    page.locator("#fill-config").click()
+    page.locator("#config-status").get_by_text("Filled from the demo-image preset").wait_for()
+    page.locator("#config-name input, #config-name textarea").first.fill("first_cfg")
+    page.locator("#save-config").click()
+    page.locator("#config-file-status").get_by_text("Saved configs/first_cfg.yaml").wait_for()
+    page.reload()
+    page.get_by_text("Go left to right").wait_for()
+    open_tab(page, "Config")
+    page.locator("#config-status").get_by_text("Restored the YAML").wait_for()
+    pick(page, "preset-picker", "Character (SD1.5/SDXL)")
+    page.locator("#fill-config").click()  # a restored YAML is no edit of the user's: replaced at once
+    page.locator("#config-status").get_by_text("Filled from the character preset").wait_for()
+    for width, height in VIEWPORTS:
+        page.set_viewport_size({"width": width, "height": height})
+        type_in_yaml(page, f"\n# my note at {width}")
+        pick(page, "preset-picker", "Demo: tiny SD, shapes")
+        page.locator("#fill-config").click()
+        page.locator("#config-status").get_by_text("holds edits of yours").wait_for()
+        assert_beside(page, "#config-status", "#fill-config")
+        assert "preset: character" in page.locator("#config-yaml").inner_text()
+        if width == VIEWPORTS[0][0]:  # Start would train the old edits under the new pick: refused, and says why
+            open_tab(page, "Train")
+            page.locator("#start-training").click()
+            page.locator("#train-action").get_by_text("Not started").wait_for()
+            assert_beside(page, "#train-action", "#start-training")
+            open_tab(page, "Config")
+        page.locator("#fill-config").click()  # the second press replaces
+        page.locator("#config-status").get_by_text("Filled from the demo-image preset").wait_for()
+        assert "preset: character" not in page.locator("#config-yaml").inner_text()
+        pick(page, "preset-picker", "Character (SD1.5/SDXL)")
+        page.locator("#fill-config").click()  # what Fill wrote is replaced at once
+        page.locator("#config-status").get_by_text("Filled from the character preset").wait_for()
+    type_in_yaml(page, "\n# mine")  # Load: the same, beside the Load button
+    pick(page, "saved-configs", "first_cfg")
+    page.locator("#load-config").click()
+    page.locator("#config-file-status").get_by_text("holds edits of yours").wait_for()
+    assert_beside(page, "#config-file-status", "#load-config")
+    page.locator("#load-config").click()
+    page.locator("#config-file-status").get_by_text("Loaded configs/first_cfg.yaml").wait_for()
+    assert "preset: demo-image" in page.locator("#config-yaml").inner_text()
+    page.set_viewport_size({"width": VIEWPORTS[0][0], "height": VIEWPORTS[0][1]})

@@ -8,7 +8,7 @@ from gradio_client import Client
 
 from studio.config import FIELDS, field_help
 from studio.ui.app import build_app, launch
-from studio.ui.config_tab import FORM_KEYS
+from studio.ui.config_form import FORM_KEYS
 
 YAML = """\
 # my style run

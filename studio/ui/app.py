@@ -85,7 +85,7 @@ def build_app(workspace_root: str | Path, *, with_demo: bool = True) -> tuple[gr
         with gr.Tabs():
             data = dataset_tab(studio)
             config = config_tab(studio)
-            train_tab(studio, config.yaml)
+            train_tab(studio, config.yaml, config.guard)
             preview_tab(studio)
             export_tab(studio)
         register_runs_api(studio)  # API-only endpoints stay out of the tabs (a gr.Tabs holds only tabs)

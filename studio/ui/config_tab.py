@@ -4,8 +4,6 @@ keys most runs touch; it and the YAML stay in sync both ways, and the YAML stays
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import shlex
 from dataclasses import dataclass
 from functools import partial
@@ -13,32 +11,24 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-import yaml
 
-from studio.config import (FIELDS, TEXT_TASK, coerce_value, field_help, field_type, load_preset, parse_yaml,
-                           preset_names)
+from studio.config import FIELDS, TEXT_TASK, field_help, load_preset, parse_yaml, preset_names
 from studio.errors import StudioError
 from studio.fileio import write_text_atomic
 from studio.plan.report import gb_text
 from studio.plan.speed import estimate_text, run_signature
 from studio.suggest import suggest_config, suggestion_yaml
 from studio.ui.common import choices_update, error, help_table, note, ok, reports_errors
+from studio.ui.config_form import (FORM_KEYS, FORM_ROWS, GPU_KEY, form_edit, form_widget, set_config_key,
+                                   set_yaml_key, yaml_to_form)
 from studio.ui.context import Studio
+from studio.ui.replace_guard import ReplaceGuard
 from studio.workspace import check_name
 
 REASON_COLUMNS = ["key", "value", "why", "what it is"]
 BAR_CELLS = 30
 PRESET_LABELS = {"style": "Style (SD1.5/SDXL)", "character": "Character (SD1.5/SDXL)", "llm-chat": "LLM chat",
                  "demo-image": "Demo: tiny SD, shapes", "demo-llm": "Demo: tiny random Llama (replies are noise)"}
-# The form: the keys most runs touch, a row each line. Every widget is made from the key's schema entry.
-FORM_ROWS = [["base_model", "train_data_dir", "trigger_word", "resolution"],
-             ["network_type", "lora_rank", "lora_alpha", "learning_rate"],
-             ["batch_size", "gradient_accumulation_steps", "max_train_steps", "epochs"],
-             ["mixed_precision", "gradient_checkpointing", "save_steps", "sample_prompts", "num_processes"]]
-FORM_KEYS = [key for row in FORM_ROWS for key in row]
-GPU_KEY = "num_processes"  # shown as "GPUs", and only where more than one CUDA GPU is present (gpu_choice)
-FORM_STEPS = {"learning_rate": 1e-5}  # the spinner's step where 1 makes no sense
-_KEY_LINE = re.compile(r"(?P<key>[A-Za-z_][\w-]*)\s*:(\s|$)")  # a top-level `key:` line
 
 
 @dataclass
@@ -49,9 +39,10 @@ class ConfigTab:
     preset: gr.Dropdown
     base_model: gr.Dropdown
     run_name: gr.Textbox
-
-    status: gr.Markdown
+    status: gr.Markdown  # under Fill: what Fill did, or why it did not
     gpus: gr.Number
+    guard: ReplaceGuard  # the Train tab's Start and Add to queue check it too
+    saved: gr.Dropdown
 
     def on_page_load(self, app: gr.Blocks, studio: Studio) -> None:
         """Detect the hardware (imports torch: after the page is up), fill the preset's defaults, and bring back the
@@ -60,20 +51,34 @@ class ConfigTab:
                  [self.hardware, self.dataset, self.base_model, self.run_name], api_visibility="private")
         app.load(partial(restore_draft, studio), None, [self.status, self.yaml], api_visibility="private")
         app.load(gpu_choice, None, self.gpus, api_visibility="private")
+        app.load(lambda: gr.update(choices=_saved_configs(studio)), None, self.saved, api_visibility="private")
+
+
+@dataclass
+class _Files:
+    """The controls under the editor: Validate, Save, Load, Copy command, and the line that answers them."""
+    validate: gr.Button
+    name: gr.Textbox
+    save: gr.Button
+    saved: gr.Dropdown
+    load: gr.Button
+    copy: gr.Button
+    command: gr.Textbox
+    status: gr.Markdown
 
 
 def config_tab(studio: Studio) -> ConfigTab:
     presets = [(PRESET_LABELS.get(name, name), name) for name in preset_names()]
     first = "demo-image" if studio.demo and "demo-image" in preset_names() else presets[0][1]
-    with gr.Tab("Config", id="config"):
+    with gr.Tab("Config", id="config") as config:
         hardware = gr.Markdown("Detecting hardware...", elem_id="hardware")
         with gr.Row():
             preset = gr.Dropdown(presets, value=first, label="Preset", info=field_help("preset"),
                                  elem_id="preset-picker")
             dataset = gr.Dropdown(studio.dataset_choices(), label="Dataset", info=field_help("train_data_dir"),
-                                  allow_custom_value=True)
+                                  allow_custom_value=True, elem_id="config-dataset")
             base_model = gr.Dropdown([], label="Base model (pick, or type a path / hub id)", allow_custom_value=True,
-                                     info=field_help("base_model"))
+                                     info=field_help("base_model"), elem_id="config-base-model")
             run_name = gr.Textbox(label="Run name", info="Outputs go to workspace/runs/<run name>.", elem_id="run-name")
         fill = gr.Button("Fill from preset + hardware", variant="primary", elem_id="fill-config")
         status = gr.Markdown(elem_id="config-status")
@@ -87,17 +92,7 @@ def config_tab(studio: Studio) -> ConfigTab:
             with gr.Column(scale=3):
                 yaml_box = gr.Code(language="yaml", label="Run config (YAML: edit freely, validated on save)",
                                    lines=18, max_lines=40, interactive=True, elem_id="config-yaml")
-                with gr.Row():
-                    validate = gr.Button("✔ Validate")
-                    name = gr.Textbox(label="Config name", placeholder="my_style", scale=2)
-                    save = gr.Button("Save to workspace/configs")
-                with gr.Row():
-                    saved = gr.Dropdown(_saved_configs(studio), label="Saved configs", scale=2, allow_custom_value=True)
-                    load = gr.Button("Load")
-                with gr.Row():
-                    copy = gr.Button("Copy command", elem_id="copy-command")
-                    command = gr.Textbox(label="Train the saved config from a terminal", buttons=["copy"],
-                                         interactive=False, scale=3, elem_id="config-command")
+                files = _file_controls(studio)
             with gr.Column(scale=2):
                 memory = gr.Markdown(elem_id="memory-estimate")
                 reasons = gr.Dataframe(headers=REASON_COLUMNS, label="What the fit chose, and why",
@@ -106,34 +101,62 @@ def config_tab(studio: Studio) -> ConfigTab:
         with gr.Accordion("All config keys", open=False):
             gr.Markdown(help_table(list(FIELDS)))
         gr.api(set_config_key, api_name="set_config_key")  # what a form edit does, for scripts: one key into the YAML
-        # The YAML the studio last wrote (Fill, Load), and the edits the user was warned about (inside the tab: a
-        # component directly in gr.Tabs shows up in its tab bar).
-        written, warned = gr.State(""), gr.State(None)
+        guard = ReplaceGuard.create()  # inside the tab: a component directly in gr.Tabs shows up in its tab bar
 
+    tab = ConfigTab(dataset, yaml_box, hardware, preset, base_model, run_name, status, form[GPU_KEY], guard,
+                    files.saved)
+    config.select(partial(fresh_lists, studio), [dataset, files.saved], [dataset, files.saved],
+                  api_visibility="private", show_progress="hidden")
     preset.change(partial(preset_defaults, studio), [preset, dataset], [dataset, base_model, run_name],
                   api_visibility="private")
-    # Fill and Load replace the YAML: edits made since the studio last wrote it are only replaced on a second press.
-    fill.click(confirm_replace, [yaml_box, written, warned], warned, api_visibility="private").success(
+    guard.replacing(fill, yaml_box, status).success(
         partial(fill_config, studio), [preset, dataset, base_model, run_name], [status, yaml_box, reasons, memory],
-        api_name="fill_config").then(lambda text: text, yaml_box, written, api_visibility="private")
+        api_name="fill_config")
     run_name.input(partial(rename_run, studio), [run_name, yaml_box], [status, yaml_box], api_visibility="private")
     yaml_box.change(partial(save_draft, studio), yaml_box, None, api_visibility="private", show_progress="hidden",
                     trigger_mode="always_last")
-    validate.click(partial(validate_config, studio), yaml_box, [status, memory], api_name="validate_config")
-    save.click(partial(save_config, studio), [name, yaml_box], [status, saved], api_name="save_config")
-    load.click(confirm_replace, [yaml_box, written, warned], warned, api_visibility="private").success(
-        partial(load_config, studio), saved, [status, yaml_box, name], api_name="load_config").then(
-        lambda text: text, yaml_box, written, api_visibility="private")
-    copy.click(partial(copy_command, studio), [saved, yaml_box], [status, command], api_name="copy_command")
+    _connect_files(studio, tab, files, memory)
     # YAML → form on every change (typing, Fill, Load, a form edit); form → YAML only on the user's own edits
     # (input / blur / submit), so the form's own updates never loop back.
     yaml_box.change(yaml_to_form, yaml_box, [form_status, *form.values()], api_name="config_form",
                     show_progress="hidden")
+    guard.track_edits(yaml_box)
     for key, widget in form.items():
         triggers = [widget.input] if isinstance(widget, (gr.Dropdown, gr.Checkbox)) else [widget.blur, widget.submit]
-        gr.on(triggers, partial(set_config_key, key), [widget, yaml_box], [form_status, yaml_box],
+        gr.on(triggers, partial(form_edit, key), [widget, yaml_box], [form_status, yaml_box, guard.edited],
               api_visibility="private", show_progress="hidden")
-    return ConfigTab(dataset, yaml_box, hardware, preset, base_model, run_name, status, form[GPU_KEY])
+    return tab
+
+
+def _file_controls(studio: Studio) -> _Files:
+    with gr.Row():
+        validate = gr.Button("✔ Validate", elem_id="validate-config")
+        name = gr.Textbox(label="Config name", placeholder="my_style", scale=2, elem_id="config-name")
+        save = gr.Button("Save to workspace/configs", elem_id="save-config")
+    with gr.Row():
+        saved = gr.Dropdown(_saved_configs(studio), label="Saved configs", scale=2, allow_custom_value=True,
+                            elem_id="saved-configs")
+        load = gr.Button("Load", elem_id="load-config")
+    status = gr.Markdown(elem_id="config-file-status")  # by the buttons that it answers
+    with gr.Row():
+        copy = gr.Button("Copy command", elem_id="copy-command")
+        command = gr.Textbox(label="Train the saved config from a terminal", buttons=["copy"],
+                             interactive=False, scale=3, elem_id="config-command")
+    return _Files(validate, name, save, saved, load, copy, command, status)
+
+
+def _connect_files(studio: Studio, tab: ConfigTab, files: _Files, memory: gr.Markdown) -> None:
+    yaml_box, guard = tab.yaml, tab.guard
+    files.validate.click(partial(validate_config, studio), yaml_box, [files.status, memory],
+                         api_name="validate_config")
+    files.save.click(partial(save_config, studio), [files.name, yaml_box], [files.status, files.saved],
+                     api_name="save_config").then(
+        partial(saved_edits, studio), [files.name, yaml_box, guard.edited, guard.pending],
+        [guard.edited, guard.pending], api_visibility="private", show_progress="hidden")
+    guard.replacing(files.load, yaml_box, files.status).success(
+        partial(load_config, studio), files.saved, [files.status, yaml_box, files.name], api_name="load_config")
+    files.copy.click(partial(copy_command, studio), [files.saved, yaml_box], [files.status, files.command],
+                     api_name="copy_command")
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -162,14 +185,21 @@ def preset_defaults(studio: Studio, preset: str, dataset: str | None):
             _fresh_run_name(studio, preset))
 
 
-def confirm_replace(text: str, written: str, warned: str | None) -> str | None:
-    """Let Fill / Load replace the editor's YAML only if it holds nothing the studio did not write, or on the second
-    press for the same edits (a gr.Error stops the event chain and says why)."""
-    text = (text or "").strip()
-    if not text or text == (written or "").strip() or text == warned:
-        return None
-    raise gr.Error("The YAML has edits that this would replace. Save them first (Config name → Save), or press the "
-                   "button again to replace them.", title="Unsaved edits")
+def fresh_lists(studio: Studio, dataset: str | None, saved: str | None):
+    """The datasets and saved configs as the workspace holds them now (made elsewhere since the page loaded)."""
+    return (gr.update(choices=studio.dataset_choices(), value=dataset),
+            gr.update(choices=_saved_configs(studio), value=saved))
+
+
+def saved_edits(studio: Studio, name: str, text: str, edited: str | None, pending: str | None):
+    """(edited, pending) after Save: edits now in a saved config are no longer unsaved, and may be trained."""
+    try:
+        path = studio.workspace.config_path(name)
+    except StudioError:
+        return edited, pending
+    if path.is_file() and path.read_text(encoding="utf-8").strip() == (text or "").strip():
+        return None, None
+    return edited, pending
 
 
 def draft_path(studio: Studio) -> Path:
@@ -256,140 +286,6 @@ def copy_command(studio: Studio, name: str | None, text: str):
     else:
         message = ok(f"The command trains {shown}. Copy it with the button and run it in the studio's folder.")
     return message, f"python train.py --config {shlex.quote(str(path))}"
-
-
-# --- the form --------------------------------------------------------------------------------------------------------
-
-def form_widget(key: str):
-    """The key's widget, from its schema entry: its help as the info line, a dropdown of its choices, a checkbox for
-    true/false, a number within its min/max, a box with one line per item for lists, else a textbox."""
-    meta = FIELDS[key].metadata
-    base, _ = field_type(key)
-    common = dict(label="GPUs" if key == GPU_KEY else key, info=field_help(key), visible=key != GPU_KEY,
-                  value=_form_value(_schema_default(key)), elem_id=f"config-form-{key}")
-    if "choices" in meta:
-        return gr.Dropdown(list(meta["choices"]), **common)
-    if base is bool:
-        return gr.Checkbox(**common)
-    if base in (int, float):
-        return gr.Number(minimum=meta.get("min"), maximum=meta.get("max"), precision=0 if base is int else None,
-                         step=FORM_STEPS.get(key, 1), **common)
-    if base is str:
-        return gr.Textbox(**common)
-    return gr.Textbox(lines=3, max_lines=12, placeholder="one a line", **common)
-
-
-@reports_errors(outputs=2)
-def set_config_key(key: str, value: str | int | float | bool | list[str] | None, text: str) -> tuple[str, str]:
-    """Set one config key in the YAML text: its line is rewritten in place (the other lines and comments are kept),
-    or added at the end. Returns (status, the new YAML); an error leaves the YAML as it is."""
-    if key not in FIELDS:
-        raise StudioError(f"'{key}' is not a config key. See 'All config keys' for the list.")
-    text = text or ""
-    try:
-        data = parse_yaml(text, "The config")
-    except StudioError as exc:
-        raise StudioError(f"{exc}\nFix the YAML first; the form changes nothing until it parses.") from None
-    typed = _typed_value(key, value)
-    try:  # a widget left as it was (a blur without an edit) leaves the YAML, comments and spelling as they are
-        if coerce_value(key, _effective_value(data, key, _preset_values(data)[0])) == typed:
-            return "", gr.skip()
-    except StudioError:
-        pass
-    new = set_yaml_key(text, key, typed)
-    return "", gr.skip() if new == text else new
-
-
-@reports_errors(outputs=1 + len(FORM_KEYS))
-def yaml_to_form(text: str):
-    """The form's values from the YAML: a key's value there, else its preset's, else the schema default. Keys the
-    YAML gives a wrong value keep their widget as it is and are listed in the status."""
-    try:
-        data = parse_yaml(text or "", "The config")
-    except StudioError as exc:
-        raise StudioError(f"{exc}\nThe form keeps its values until the YAML parses again.") from None
-    defaults, problems = _preset_values(data)
-    values = []
-    for key in FORM_KEYS:
-        try:
-            values.append(_form_value(coerce_value(key, _effective_value(data, key, defaults))))
-        except StudioError as exc:
-            problems.append(str(exc).removeprefix("Config error: "))
-            values.append(gr.skip())
-    if not problems:
-        return ("", *values)
-    listed = "\n".join(f"  - {p}" for p in problems)
-    return (error(f"The form cannot show every value of this YAML:\n{listed}"), *values)
-
-
-def set_yaml_key(text: str, key: str, value) -> str:
-    """`text` with `key: value`: the key's top-level line (and its block's indented / `- ` lines) replaced, or the
-    line appended. Where the layout defeats that (flow mappings, anchors...), the mapping is dumped afresh, one key a
-    line as Fill writes it (comments are lost then)."""
-    line = _yaml_line(key, value)
-    old = parse_yaml(text, "The config")
-    expected = {**old, key: parse_yaml(line)[key]}
-    lines = text.splitlines()
-    starts = [i for i, text_line in enumerate(lines) if (m := _KEY_LINE.match(text_line)) and m["key"] == key]
-    if starts:
-        start = end = starts[-1]  # YAML keeps the last of duplicate keys
-        for i in range(start + 1, len(lines)):
-            if lines[i][:1] in (" ", "\t", "-") and lines[i].strip() not in ("---", "..."):
-                end = i
-            elif lines[i].strip():
-                break
-        lines[start:end + 1] = [line]
-    else:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        lines.append(line)
-    new = "\n".join(lines) + "\n"
-    try:
-        if parse_yaml(new) == expected:
-            return new
-    except StudioError:
-        pass
-    return "".join(_yaml_line(k, v) + "\n" for k, v in expected.items())
-
-
-def _yaml_line(key: str, value) -> str:
-    """`key: value` as one flow-style line, as Fill writes it (null for an emptied optional key)."""
-    return yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip()[1:-1]
-
-
-def _typed_value(key: str, value):
-    """A form widget's value as the key's type (a list from one item a line), checked against the schema."""
-    base, optional = field_type(key)
-    if base not in (bool, int, float, str) and isinstance(value, str):
-        value = [item.strip() for item in value.splitlines() if item.strip()]
-    if optional and value in (None, "", []):
-        return None
-    return coerce_value(key, value)
-
-
-def _form_value(value):
-    """A typed config value as its widget shows it (lists one item a line)."""
-    if isinstance(value, list):
-        return "\n".join(value)
-    return value
-
-
-def _preset_values(data: dict) -> tuple[dict, list[str]]:
-    """The values of the preset the YAML names (none if it names none), and the problem if it names an unknown one."""
-    try:
-        return (load_preset(str(data["preset"])) if data.get("preset") else {}), []
-    except StudioError as exc:
-        return {}, [str(exc)]
-
-
-def _effective_value(data: dict, key: str, preset: dict):
-    """What a run gets for `key`: the YAML's value, else the preset's, else the schema default (not yet checked)."""
-    return data[key] if key in data else preset.get(key, _schema_default(key))
-
-
-def _schema_default(key: str):
-    f = FIELDS[key]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 # --- shared with the Train tab ----------------------------------------------------------------------------------------

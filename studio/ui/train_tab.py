@@ -16,6 +16,7 @@ from studio.errors import StudioError
 from studio.jobs import JobState
 from studio.ui.common import duration_text, error, note, ok, reports_errors
 from studio.ui.context import Studio
+from studio.ui.replace_guard import ReplaceGuard
 from studio.ui.runs_table import add_to_queue, prepared_config, runs_frame, runs_table
 
 POLL_SECONDS = 1.0
@@ -43,7 +44,8 @@ class TrainTab:
     status: gr.Markdown
 
 
-def train_tab(studio: Studio, config_yaml: gr.Code) -> TrainTab:
+def train_tab(studio: Studio, config_yaml: gr.Code, guard: ReplaceGuard) -> TrainTab:
+    """`guard`: the Config tab's; Start and Add to queue refuse a YAML whose replacement it refused."""
     with gr.Tab("Train", id="train"):
         gr.Markdown("Trains the config from the **Config** tab in the background, one job at a time: **Start** runs "
                     "it now, **Add to queue** after the jobs before it. You can close or reload the page; jobs keep "
@@ -78,10 +80,11 @@ def train_tab(studio: Studio, config_yaml: gr.Code) -> TrainTab:
     view = [status, progress, losses, samples, replies, log, commands, start, runs.table, seen]
     # The last start's message (often an error) is cleared first: it must not sit under the new start's progress.
     # Starting or queueing shows the current job again (an opened run is no longer pinned).
-    start.click(None, None, [action, runs.opened], js="() => ['', '']").then(
-        partial(start_training, studio), config_yaml, action, api_name="start_training")
-    queue.click(None, None, [action, runs.opened], js="() => ['', '']").then(
-        partial(queue_training, studio), config_yaml, action, api_name="queue_training")
+    for button, handler, api_name in ((start, start_training, "start_training"),
+                                      (queue, queue_training, "queue_training")):
+        cleared = button.click(None, None, [action, runs.opened], js="() => ['', '']")
+        guard.training(cleared, config_yaml, action).success(partial(handler, studio), config_yaml, action,
+                                                              api_name=api_name)
     stop.click(partial(stop_training, studio), None, action, api_name="stop_training")
     sample_now.click(partial(request_now, studio, "sample"), None, action, api_name="sample_now")
     save_now.click(partial(request_now, studio, "save"), None, action, api_name="save_now")
