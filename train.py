@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override config keys (of every config), e.g. --set max_train_steps=100 lora_rank=16")
     parser.add_argument("--plan", action="store_true",
                         help="print the memory plan and the fitted settings, then exit (loads no weights)")
+    parser.add_argument("--verbose", action="store_true", help="with --plan: also how each row is computed")
     parser.add_argument("--vram-gb", type=float, metavar="GB",
                         help="plan and fit for a card with this much memory (the vram_budget_gb key)")
     parser.add_argument("--num-processes", type=int, metavar="N",
@@ -68,6 +69,9 @@ def run_job(config: str, args, stop: threading.Event) -> JobResult:
     fitted = fit_config(data)
     if args.plan:
         print(fitted.report())
+        if args.verbose:
+            print("How the rows are computed:\n" + "\n".join(f"  {row.name}: {row.formula}"
+                                                           for row in fitted.plan.rows if row.formula))
         return JobResult(config, "planned", config)
     result = train_indexed(fitted, stop)
     loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+import train
+
 from studio.plan import probes
 from studio.plan.memory import weight_dtype
+from studio.plan.models import LLM_REFERENCE
 from studio.plan.probes import Shape
 from studio.plan.reference import fit_reference
 from studio.plan.report import CONTEXT_ROW
-
-pytestmark = pytest.mark.slow  # plans full-size SD1.5 and SDXL (about 20 s each, cold)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpu_measured.json"
 ROWS = json.loads(FIXTURE.read_text(encoding="utf-8"))["rows"]
@@ -50,6 +51,7 @@ TRAINED = [row for row in ROWS if not row["outcome"].startswith("out of memory i
 OUT_OF_MEMORY = [row for row in ROWS if row["outcome"].startswith("out of memory in training")]
 
 
+@pytest.mark.slow  # plans full-size SD1.5 and SDXL (about 20 s each, cold)
 @pytest.mark.parametrize("row", TRAINED, ids=[row["id"] for row in TRAINED])
 def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row):
     reason = _changed_path(row)
@@ -64,6 +66,7 @@ def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row):
         + fitted.plan.table())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", OUT_OF_MEMORY, ids=[row["id"] for row in OUT_OF_MEMORY])
 def test_a_config_that_ran_out_of_memory_in_training_is_not_planned_to_fit(row):
     reason = _changed_path(row)
@@ -77,3 +80,17 @@ def _fit(row: dict):
     fitted = fit_reference(row["model"], row["card_gb"], **row["config"])
     assert {key: getattr(fitted.cfg, key) for key in row["config"]} == row["config"]  # the very config measured
     return fitted
+
+
+def test_plan_shows_formulas_only_when_verbose(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"preset: llm-chat\nbase_model: {LLM_REFERENCE}\ntrain_data_dir: {tmp_path}\n"
+                      f"output_dir: {tmp_path / 'out'}\n", encoding="utf-8")
+    assert train.main(["--config", str(config), "--plan", "--vram-gb", "24"]) == 0
+    short = capsys.readouterr().out
+    assert "cuBLAS workspace" in short and "Planned peak" in short and "8 × 4 MiB" not in short
+    assert train.main(["--config", str(config), "--plan", "--vram-gb", "24", "--verbose"]) == 0
+    verbose = capsys.readouterr().out
+    assert verbose.startswith(short)
+    assert "  cuBLAS workspace: 8 × 4 MiB" in verbose
+    assert "  autocast copies of LoRA weights: LoRA parameters × 2 B" in verbose
