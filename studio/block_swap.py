@@ -28,9 +28,9 @@ from typing import Callable, Iterator
 import torch
 
 from studio.errors import StudioError
+from studio.plan.speed import PCIE_GBPS, swap_seconds
 
 IN_FLIGHT = 2  # swapped blocks on the device at once: the one computing and the next one being copied
-PASSES_PER_STEP = 2  # each swapped block crosses PCIe once for the forward and once for the backward
 HOST = torch.device("cpu")
 OFF, FORWARD, BACKWARD = "off", "forward", "backward"  # where a swapped block is: home, or loaded for that pass
 OnMove = Callable[[str, int, int], None]  # (FORWARD or BACKWARD, block index in `blocks`, bytes copied in)
@@ -45,6 +45,13 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def check_count(count: int, total: int) -> None:
+    """blocks_to_swap must be 0..the denoiser's swappable blocks (its recipe's `swap_blocks`): checked at load."""
+    if not 0 <= count <= total:
+        raise StudioError(f"blocks_to_swap is {count}, but this denoiser has {total} blocks that can be swapped. "
+                          f"Set blocks_to_swap between 0 and {total} (0 = off).")
+
+
 def swapped_bytes(blocks: list[torch.nn.Module], count: int) -> int:
     """Bytes of the last `count` blocks' frozen weights at their storage dtype: what lives in CPU memory (at most
     `IN_FLIGHT` of these blocks are on the card at a time; see `in_flight_bytes`)."""
@@ -57,10 +64,9 @@ def in_flight_bytes(blocks: list[torch.nn.Module], count: int) -> int:
     return sum(sizes[:IN_FLIGHT])
 
 
-def transfer_seconds(blocks: list[torch.nn.Module], count: int, bandwidth_gbps: float) -> float:
-    """Seconds of host-to-device copying per training step (one forward and backward) at `bandwidth_gbps` GB/s; the
-    side stream hides it behind compute as far as each block computes longer than it copies."""
-    return PASSES_PER_STEP * swapped_bytes(blocks, count) / (bandwidth_gbps * 1e9)
+def transfer_seconds(blocks: list[torch.nn.Module], count: int, bandwidth_gbps: float = PCIE_GBPS) -> float:
+    """Seconds of host-to-device copying per training step (one forward and backward) at `bandwidth_gbps` GB/s."""
+    return swap_seconds(swapped_bytes(blocks, count), bandwidth_gbps)
 
 
 class BlockSwap:
@@ -68,9 +74,7 @@ class BlockSwap:
 
     def __init__(self, blocks: list[torch.nn.Module], count: int, device: torch.device,
                  on_move: OnMove | None = None):
-        if not 0 <= count <= len(blocks):
-            raise StudioError(f"blocks_to_swap is {count}, but this denoiser has {len(blocks)} blocks that can be "
-                              f"swapped. Set blocks_to_swap between 0 and {len(blocks)} (0 = off).")
+        check_count(count, len(blocks))
         self.blocks, self.count, self.device = list(blocks), count, torch.device(device)
         self.on_move = on_move
         self.bytes_moved = 0  # copied onto the device since attach

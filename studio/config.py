@@ -135,6 +135,9 @@ class RunConfig:
     fp8_base: bool = _f(False, "Images (Flux.1): store the frozen denoiser in fp8 (e4m3) and compute in 16-bit "
                         "(diffusers' layerwise casting): half the memory of 16-bit weights, for 24 GB and smaller "
                         "cards.")
+    blocks_to_swap: int = _f(0, "Images: keep this many of the denoiser's last blocks in CPU memory and stream each "
+                             "onto the GPU just before it runs (kohya's name): less GPU memory for some speed. 0 = "
+                             "off; the fit sets it when the card needs it.", min=0, max=200)
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 is typical.", min=0.0)
     min_snr_gamma: Optional[float] = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty = off.", min=0.0)
     seed: int = _f(42, "Random seed; the same seed and config give the same run.", min=0)

@@ -163,3 +163,29 @@ def test_too_many_blocks_is_a_clear_error():
     blocks = recipe.swap_blocks(model)
     with pytest.raises(StudioError, match=f"between 0 and {len(blocks)}"):
         BlockSwap(blocks, len(blocks) + 1, CPU)
+
+
+def test_time_estimate_adds_the_copying_to_a_run_without_swap(tmp_path):
+    import json
+
+    from studio.config import config_from_dict
+    from studio.plan.speed import PCIE_GBPS, estimate_text, run_signature
+
+    common = {"base_model": "m", "train_data_dir": "d", "output_dir": "o", "batch_size": 2, "max_train_steps": 100}
+    plain = config_from_dict(common, check_paths=False)
+    swapping = config_from_dict({**common, "blocks_to_swap": 20}, check_paths=False)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    events = [{"kind": "plan", "data": {"signature": run_signature(plain, "flux1", "GPU"), "effective_batch": 2}},
+              {"kind": "progress", "data": {"it_per_s": 0.5}}]  # 1 s per sample
+    (earlier / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n", encoding="utf-8")
+    swap_bytes = int(6e9)  # 2 passes × 6 GB at 12 GB/s = 1 s per step of 2 samples: +0.5 s per sample
+    signature = run_signature(swapping, "flux1", "GPU")
+    text = estimate_text(swapping, tmp_path, signature, swap_bytes)
+    assert PCIE_GBPS == 12.0 and "about 5 min" in text and "0.50 s per sample to stream 20 swapped blocks" in text
+    assert "about 3 min" in estimate_text(plain, tmp_path, run_signature(plain, "flux1", "GPU"))  # 200 samples × 1 s
+    # an earlier run with the same swap already measured the copying
+    (earlier / "events.jsonl").write_text("\n".join(json.dumps(e) for e in [
+        {"kind": "plan", "data": {"signature": signature, "effective_batch": 2}},
+        {"kind": "progress", "data": {"it_per_s": 0.5}}]) + "\n", encoding="utf-8")
+    assert estimate_text(swapping, tmp_path, signature, swap_bytes).endswith("(at the speed of run earlier).")

@@ -15,6 +15,10 @@ from studio.config import RunConfig
 from studio.data.captions import list_images
 
 LENGTH_KEYS = ("resolution", "max_length")
+# Host-to-device copies from pinned memory reach ~25 GB/s on PCIe 4.0 x16 and ~12 GB/s on PCIe 3.0 x16 or a 4.0 x8
+# slot (common on consumer boards with two cards): the low end, so an estimate with block swap is not optimistic.
+PCIE_GBPS = 12.0
+SWAP_PASSES = 2  # a swapped block crosses once for its forward and once for its backward (studio/block_swap.py)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,13 @@ def run_signature(cfg: RunConfig, family: str, device: str) -> dict:
     """What makes two runs' speeds comparable: the `plan` event carries it."""
     return {"family": family, "device": device, "length": cfg.resolution if cfg.is_image else cfg.max_length,
             "micro_batch": cfg.batch_size, "checkpointing": cfg.gradient_checkpointing,
-            "processes": cfg.num_processes}
+            "processes": cfg.num_processes, **({"blocks_to_swap": cfg.blocks_to_swap} if cfg.blocks_to_swap else {})}
+
+
+def swap_seconds(swap_bytes: int, bandwidth_gbps: float = PCIE_GBPS) -> float:
+    """Seconds of host-to-device copying per training step (one micro-batch's forward and backward) for
+    `swap_bytes` of swapped blocks; the side stream hides it as far as each block computes longer than it copies."""
+    return SWAP_PASSES * swap_bytes / (bandwidth_gbps * 1e9)
 
 
 def known_speed(runs_dir: Path, signature: dict) -> Speed | None:
@@ -63,14 +73,22 @@ def total_samples(cfg: RunConfig) -> int | None:
     return cfg.epochs * math.ceil(per_epoch / effective) * effective
 
 
-def estimate_text(cfg: RunConfig, runs_dir: Path, signature: dict) -> str:
-    """'About 1 h 20 min (at the speed of run X)', or why there is no estimate yet."""
-    speed, samples = known_speed(runs_dir, signature), total_samples(cfg)
+def estimate_text(cfg: RunConfig, runs_dir: Path, signature: dict, swap_bytes: int = 0) -> str:
+    """'About 1 h 20 min (at the speed of run X)', or why there is no estimate yet. A run with block swap (its
+    swapped blocks hold `swap_bytes`) goes at an earlier run's speed with the same swap, else at one without swap
+    plus the copying."""
+    speed, samples, copying = known_speed(runs_dir, signature), total_samples(cfg), 0.0
+    if speed is None and "blocks_to_swap" in signature:
+        speed = known_speed(runs_dir, {k: v for k, v in signature.items() if k != "blocks_to_swap"})
+        copying = swap_seconds(swap_bytes) / (cfg.batch_size * cfg.num_processes)  # per sample
     if speed is None:
         return "Time: no estimate yet (no earlier run of this model size on this card)."
+    per_sample = speed.seconds_per_sample + copying
+    swap = (f", plus up to {copying:.2f} s per sample to stream {cfg.blocks_to_swap} swapped blocks at "
+            f"{PCIE_GBPS:.0f} GB/s" if copying else "")
     if samples is None:
-        return f"Time: {speed.seconds_per_sample:.2f} s per sample (run {speed.run}); set max_train_steps for a total."
-    return f"Time: about {duration_text(samples * speed.seconds_per_sample)} (at the speed of run {speed.run})."
+        return f"Time: {per_sample:.2f} s per sample (run {speed.run}{swap}); set max_train_steps for a total."
+    return f"Time: about {duration_text(samples * per_sample)} (at the speed of run {speed.run}{swap})."
 
 
 def duration_text(seconds: float) -> str:
