@@ -39,18 +39,30 @@ def tiny_flux_transformer(guidance: bool = True, layers: int = 1, single_layers:
                                   pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
 
 
+def tiny_flux_vae() -> AutoencoderKL:
+    """Flux.1's 16-channel VAE layout (shift and scale as published) at toy width; Chroma's too."""
+    return AutoencoderKL(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=16, sample_size=64,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+
+
+def tiny_t5() -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=64, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler settings (dynamic, resolution-dependent shift)."""
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+
+
 def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     clip_tokenizer = build_clip_tokenizer(out_dir)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), norm_num_groups=4, latent_channels=16, sample_size=64,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
-    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_text_config(clip_tokenizer)),
+    vae, t5 = tiny_flux_vae(), tiny_t5()  # in this order: the demo model's random weights stay as they were
+    pipe = FluxPipeline(scheduler=flux_scheduler(), vae=vae, text_encoder=CLIPTextModel(_text_config(clip_tokenizer)),
                         tokenizer=clip_tokenizer, text_encoder_2=t5, tokenizer_2=build_t5_tokenizer(),
                         transformer=tiny_flux_transformer())
     pipe.save_pretrained(out_dir)

@@ -28,7 +28,8 @@ def transformer_to_bfl(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[st
     sd = dict(sd)
     renames, fused, swapped = _flux_names(_block_count(sd, "transformer_blocks."),
                                           _block_count(sd, "single_transformer_blocks."),
-                                          "time_text_embed.guidance_embedder.linear_1.weight" in sd)
+                                          "time_text_embed.guidance_embedder.linear_1.weight" in sd,
+                                          modulated="transformer_blocks.0.norm1.linear.weight" in sd)
     out = {bfl: sd.pop(hf) for hf, bfl in renames.items()}
     for bfl, parts in fused.items():
         out[bfl] = torch.cat([sd.pop(hf) for hf in parts], dim=0)

@@ -22,7 +22,8 @@ TRAIN_GUIDANCE = 1.0  # dev's guidance input while training (kohya, ai-toolkit);
 
 
 class FluxRecipe:
-    """Training specifics of Flux.1, for studio.engines.diffusion.DiffusionEngine."""
+    """Training specifics of Flux.1, for studio.engines.diffusion.DiffusionEngine (Chroma's recipe derives from it)."""
+    label = "Flux.1"
     denoiser = "transformer"
     # The attention projections of the double-stream blocks (image and text streams) and the single-stream blocks'
     # q/k/v; add "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"... through target_modules.
@@ -39,14 +40,14 @@ class FluxRecipe:
     def check(self, cfg) -> list[str]:
         problems = []
         if cfg.train_text_encoder:
-            problems.append("train_text_encoder is not supported for Flux.1 (its T5 and CLIP encoders stay frozen, "
+            problems.append(f"train_text_encoder is not supported for {self.label} (its text encoders stay frozen, "
                             "as in kohya and ai-toolkit); set train_text_encoder: false.")
         if cfg.min_snr_gamma:
-            problems.append("min_snr_gamma weights DDPM noise levels; Flux.1 trains with flow matching. Remove "
-                            "min_snr_gamma.")
+            problems.append(f"min_snr_gamma weights DDPM noise levels; {self.label} trains with flow matching. "
+                            "Remove min_snr_gamma.")
         if cfg.noise_offset:
-            problems.append("noise_offset is a DDPM (SD1.5/SDXL) setting; Flux.1 trains with flow matching. Set "
-                            "noise_offset: 0.")
+            problems.append(f"noise_offset is a DDPM (SD1.5/SDXL) setting; {self.label} trains with flow matching. "
+                            "Set noise_offset: 0.")
         return problems
 
     def noise_scheduler(self, pipe):
@@ -106,14 +107,20 @@ class FluxRecipe:
         packed = FluxPipeline._pack_latents(noisy, bsz, channels, height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(bsz, height // 2, width // 2, device, latents.dtype)
         text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=latents.dtype)
-        guidance = (torch.full((bsz,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
-                    if transformer.config.guidance_embeds else None)
-        pred = transformer(hidden_states=packed, timestep=sigmas.to(latents.dtype), guidance=guidance,
-                           pooled_projections=pooled.to(device), encoder_hidden_states=embeds.to(device),
-                           txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        pred = transformer(hidden_states=packed, timestep=sigmas.to(latents.dtype),
+                           encoder_hidden_states=embeds.to(device), txt_ids=text_ids, img_ids=image_ids,
+                           **self.conditions(transformer, pooled, packed), return_dict=False)[0]
         scale = engine.pipe.vae_scale_factor
         pred = FluxPipeline._unpack_latents(pred, height * scale, width * scale, scale)
         return F.mse_loss(pred.float(), (noise - latents).float())
+
+    def conditions(self, transformer, pooled: torch.Tensor, packed: torch.Tensor) -> dict:
+        """Flux.1's inputs beyond the packed latents and T5's tokens: CLIP's pooled embedding, dev's guidance."""
+        import torch
+
+        guidance = (torch.full((packed.shape[0],), TRAIN_GUIDANCE, device=packed.device, dtype=torch.float32)
+                    if transformer.config.guidance_embeds else None)
+        return {"guidance": guidance, "pooled_projections": pooled.to(packed.device)}
 
     def to_file(self, peft_state: dict[str, torch.Tensor], scaling: Scaling) -> dict[str, torch.Tensor]:
         """diffusers' `transformer.…lora_A/lora_B` keys — what FluxPipeline.load_lora_weights reads and ComfyUI's /

@@ -1,0 +1,162 @@
+"""Chroma on a tiny random ChromaPipeline (real class and names, blocks shrunk): recognised from a folder, a hub id and
+its single files; planned at full size from the shipped configs; trained, exported, reloaded into diffusers."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ChromaPipeline, ChromaTransformer2DModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from studio.config import config_from_dict
+from studio.errors import StudioError
+from studio.families import detect_family, get_family
+from studio.loop import train
+from studio.models import CONFIG_ROOT
+from tests.test_image_training import solid_colours
+
+CHROMA = get_family("chroma")  # the registry first: it keeps the families in FAMILY_MODULES order
+
+from studio.demo.chroma import build_tiny_chroma, chroma_file_layout, write_chroma_checkpoint  # noqa: E402
+from studio.families.chroma import to_diffusers  # noqa: E402
+from studio.models.pipelines import load_pipeline  # noqa: E402
+
+COMFY = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_chroma(tmp_path_factory.mktemp("chroma") / "tiny-chroma")
+
+
+def render(pipe, **extra):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red picture", num_inference_steps=2, height=64, width=64, max_sequence_length=16,
+                output_type="np", generator=torch.Generator().manual_seed(0), **extra).images
+
+
+def test_recognised_from_folder_and_hub_id(tiny):
+    assert detect_family("image-generation", str(tiny)) is CHROMA
+    assert detect_family("image-generation", "lodestones/Chroma1-HD") is CHROMA
+
+
+@pytest.mark.parametrize("prefix", ["", COMFY])
+def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
+    """Chroma's own file layout (BFL names, pruned modulations), bare or as ComfyUI saves it."""
+    path = write_chroma_checkpoint(tiny, tmp_path / "chroma1-hd.safetensors", prefix)
+    assert detect_family("image-generation", str(path)) is CHROMA
+    pipe, family = load_pipeline(str(path), components=str(tiny))
+    ours, ref = pipe.transformer.state_dict(), ChromaPipeline.from_pretrained(tiny).transformer.state_dict()
+    assert family is CHROMA and isinstance(pipe, ChromaPipeline) and set(ours) == set(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_single_file_without_components_says_how_to_get_them(tiny, tmp_path):
+    path = write_chroma_checkpoint(tiny, tmp_path / "chroma.safetensors")
+    with pytest.raises(StudioError, match="base_components .*hf download lodestones/Chroma1-HD"):
+        load_pipeline(str(path), components=str(tmp_path / "nowhere"))
+
+
+def test_radiance_is_refused_with_what_it_is(tiny, tmp_path):
+    path = write_chroma_checkpoint(tiny, tmp_path / "radiance.safetensors")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, "nerf_image_embedder.embedder.0.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(StudioError, match="Chroma Radiance, a pixel-space model"):
+        load_pipeline(str(path), components=str(tiny))
+
+
+def test_file_layout_matches_diffusers_converter_at_full_width():
+    """At Chroma's real width (3072, which diffusers' converter assumes) both conversions agree, on meta tensors."""
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    config = {**ChromaTransformer2DModel.load_config(CONFIG_ROOT / "chroma" / "transformer"), "num_layers": 1,
+              "num_single_layers": 2, "approximator_layers": 2}
+    with torch.device("meta"):
+        model = ChromaTransformer2DModel.from_config(config)
+    wanted = {k: v.shape for k, v in model.state_dict().items()}
+    ours = to_diffusers(chroma_file_layout(model.state_dict()))
+    theirs = convert_chroma_transformer_checkpoint_to_diffusers(chroma_file_layout(model.state_dict(), COMFY))
+    assert {k: v.shape for k, v in ours.items()} == wanted == {k: v.shape for k, v in theirs.items()}
+
+
+def test_shipped_configs_are_chroma1_hd():
+    index = (CONFIG_ROOT / "chroma" / "model_index.json").read_text()
+    assert '"ChromaPipeline"' in index and '"ChromaTransformer2DModel"' in index
+    with torch.device("meta"):
+        model = ChromaTransformer2DModel.from_config(ChromaTransformer2DModel.load_config(CONFIG_ROOT / "chroma",
+                                                                                          subfolder="transformer"))
+    assert sum(p.numel() for p in model.parameters()) == 8_899_983_424  # Chroma1-HD's "8.9 B"
+
+
+@pytest.mark.slow  # traces the 8.9 B transformer at 1024 px on the meta device
+def test_planned_at_full_size_on_the_usual_cards():
+    from studio.plan.reference import fit_reference
+
+    for card in (24, 12, 8):
+        fitted = fit_reference("Chroma", card)
+        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
+        assert fitted.cfg.resolution == 1024 and fitted.cfg.effective_alpha == fitted.cfg.lora_rank
+    assert fit_reference("Chroma", 8).cfg.load_in_4bit
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chroma-run")
+    cfg = config_from_dict({"base_model": str(tiny), "train_data_dir": str(solid_colours(tmp / "colours")),
+                            "output_dir": str(tmp / "run"), "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2,
+                            "max_train_steps": 2, "batch_size": 2, "sample_every_steps": 2,
+                            "sample_inference_steps": 2, "sample_prompts": ["a red picture"]})
+    return cfg, train(cfg)
+
+
+def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, trained, caplog):
+    cfg, result = trained
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
+    assert list(Path(cfg.output_dir).rglob("step-*.png"))  # sampled from the pre-encoded prompt (prompt_inputs)
+    with safe_open(str(result.files[0]), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["modelspec.architecture"] == "chroma/lora"
+    assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
+    assert meta["studio_selftest"].startswith("all 36 keys load")  # 18 modules: the blocks' Linears + proj_out
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in tensors)
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)  # B starts at zero: it trained
+
+    pipe = ChromaPipeline.from_pretrained(tiny)
+    base = render(pipe)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(result.files[0]), adapter_name="chroma")
+    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()]
+    pipe.set_adapters(["chroma"], [0.0])
+    assert torch.equal(torch.as_tensor(render(pipe)), torch.as_tensor(base))
+    pipe.set_adapters(["chroma"], [1.0])
+    assert (torch.as_tensor(render(pipe)) - torch.as_tensor(base)).abs().max() > 1e-3
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path):
+    import threading
+
+    from safetensors.torch import load_file
+
+    from studio.events import EventSink
+
+    data = solid_colours(tmp_path / "colours")
+
+    def config(out, **extra):
+        return config_from_dict({"base_model": str(tiny), "train_data_dir": str(data), "output_dir": str(out),
+                                 "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 4,
+                                 "batch_size": 2, "save_steps": 2, "caption_dropout": 0.25, "sample_every_steps": 0,
+                                 "sample_prompts": [], **extra})
+
+    full = train(config(tmp_path / "full"))
+    stop = threading.Event()
+    first = train(config(tmp_path / "part"), EventSink([lambda e: e.kind == "progress" and e.step == 2 and stop.set()]),
+                  stop)
+    assert first.stopped and first.step == 2
+    resumed = train(config(tmp_path / "part", resume_from="latest"))
+    a, b = load_file(str(full.files[0])), load_file(str(resumed.files[0]))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
