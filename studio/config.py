@@ -254,11 +254,28 @@ def config_from_dict(data: dict, *, check_paths: bool = True, base_dir: Path | N
 
     All problems are collected and reported in one error. Relative paths resolve against `base_dir` (default: cwd).
     """
+    problems: list[str] = []
     data = dict(data)
     if data.get("preset"):
-        data = {**load_preset(str(data["preset"])), **data}
-    problems: list[str] = []
+        try:
+            data = {**load_preset(str(data["preset"])), **data}
+        except ConfigError as exc:  # reported with the rest: the other keys are still checked
+            problems.append(str(exc))
+            del data["preset"]
+    values, bad = _typed_values(data, problems)
+    cfg = RunConfig(**values)
+    later = _check_consistency(cfg) + (_check_paths(cfg, base_dir or Path.cwd()) if check_paths else [])
+    problems += [p for p in later if not p.startswith(tuple(f"'{key}'" for key in bad))]  # said once, above
+    if problems:
+        raise ConfigError(_format_problems(problems))
+    return cfg
+
+
+def _typed_values(data: dict, problems: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """(the keys' typed values, the keys whose value is wrong); every unknown key and wrong value is added to
+    `problems` — the run's other checks still run, so one round of fixes is enough."""
     values: dict[str, Any] = {}
+    bad = set()
     for key, raw in data.items():
         if key not in FIELDS:
             close = difflib.get_close_matches(str(key), FIELDS, n=1, cutoff=0.6)
@@ -269,15 +286,8 @@ def config_from_dict(data: dict, *, check_paths: bool = True, base_dir: Path | N
             values[key] = _coerce(key, raw)
         except ValueError as exc:
             problems.append(str(exc))
-    if problems:
-        raise ConfigError(_format_problems(problems))
-    cfg = RunConfig(**values)
-    problems += _check_consistency(cfg)
-    if check_paths:
-        problems += _check_paths(cfg, base_dir or Path.cwd())
-    if problems:
-        raise ConfigError(_format_problems(problems))
-    return cfg
+            bad.add(key)
+    return values, bad
 
 
 def load_config(path: str | Path, overrides: dict | None = None, *, check_paths: bool = True) -> RunConfig:
@@ -426,6 +436,8 @@ def _check_paths(cfg: RunConfig, base_dir: Path) -> list[str]:
         elif kind == "data" and cfg.is_image and not path.is_dir():
             problems.append(f"'{name}' is {path}, which is a file; for image training it must be the folder "
                             "that holds the images.")
+        elif kind == "data" and (mismatch := _data_task_mismatch(cfg, name, path)):
+            problems.append(mismatch)
         elif kind == "file" and not path.is_file():
             problems.append(f"'{name}' is {path}, which is a folder; it must be a file.")
         else:
@@ -435,6 +447,24 @@ def _check_paths(cfg: RunConfig, base_dir: Path) -> list[str]:
         if value:
             setattr(cfg, name, str((base_dir / Path(value).expanduser()).resolve()))
     return problems
+
+
+def _data_task_mismatch(cfg: RunConfig, name: str, path: Path) -> str | None:
+    """Images for an LLM run, or only text files for an image run: caught here, not when training starts."""
+    from studio.data.captions import list_images
+
+    if not path.is_dir():
+        return None
+    files = [p for p in path.iterdir() if p.is_file()]
+    images = len(list_images(path))
+    if not cfg.is_image and images:
+        return (f"'{name}' is {path}, which holds {images} image(s): task_type {TEXT_TASK} trains on text "
+                "(.jsonl / .json chats or .txt). Pick a text dataset, or set task_type: "
+                f"{IMAGE_TASK} to train an image LoRA.")
+    if cfg.is_image and not images and any(p.suffix.lower() in (".jsonl", ".json") for p in files):
+        return (f"'{name}' is {path}, which holds text data and no images: task_type {IMAGE_TASK} trains on "
+                f"images. Pick an image dataset, or set task_type: {TEXT_TASK} to train an LLM LoRA.")
+    return None
 
 
 def overrides_from_pairs(pairs: list[str]) -> dict:

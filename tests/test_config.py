@@ -78,6 +78,47 @@ def test_all_problems_reported_at_once(seed_tree):
     assert "lora_rank" in message and "optimiser" in message and "'optimizer'" in message and "fp8" in message
 
 
+def test_wrong_values_missing_paths_and_an_unknown_preset_in_one_round(seed_tree):
+    """One round of fixes is enough: nothing hides behind the first kind of problem."""
+    with pytest.raises(ConfigError) as err:
+        load_config(seed_tree / "my.yaml", {"preset": "nope", "lora_rank": -1, "train_data_dir": "./data/nope"})
+    problems = str(err.value).splitlines()[1:]
+    assert len(problems) == 3, problems
+    assert "Unknown preset 'nope'" in problems[0] and "'lora_rank' is -1" in problems[1]
+    assert "does not exist" in problems[2]
+    with pytest.raises(ConfigError) as err:  # a wrong value is named once, not again as 'empty'
+        load_config(seed_tree / "my.yaml", {"base_model": {"a": 1}})
+    assert str(err.value).count("base_model") == 1, err.value
+
+
+def test_a_dataset_of_the_other_task_is_refused_before_training(seed_tree):
+    from PIL import Image
+
+    images, chats = seed_tree / "images", seed_tree / "chats"
+    images.mkdir(), chats.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    (images / "a.txt").write_text("a caption")
+    (chats / "talk.jsonl").write_text('{"messages": []}\n')
+    with pytest.raises(ConfigError, match="holds 1 image.*Pick a text dataset"):
+        load_config(seed_tree / "my.yaml", {"task_type": "text-generation", "base_model": "org/llm",
+                                            "train_data_dir": str(images), "metadata_path": None})
+    with pytest.raises(ConfigError, match="holds text data and no images.*Pick an image dataset"):
+        load_config(seed_tree / "my.yaml", {"train_data_dir": str(chats), "metadata_path": None})
+    assert load_config(seed_tree / "my.yaml", {"train_data_dir": str(images), "metadata_path": None}).is_image
+
+
+def test_a_family_the_model_files_contradict_is_refused(tmp_path):
+    """The demo-flux preset (model_family: flux1) over an SD1.5 folder: a message, not a KeyError deep in the plan."""
+    from studio.errors import StudioError
+    from studio.families import resolve_family
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    cfg = config_from_dict({"preset": "demo-flux", "base_model": str(tmp_path), "train_data_dir": "d",
+                            "output_dir": "o"}, check_paths=False)
+    with pytest.raises(StudioError, match=r"is of the SD1\.5 family, but model_family is flux1.*Pick a Flux\.1"):
+        resolve_family(cfg)
+
+
 def test_missing_paths_are_named(seed_tree):
     with pytest.raises(ConfigError) as err:
         load_config(seed_tree / "my.yaml", {"train_data_dir": "./data/nope", "init_lora": "missing.safetensors"})

@@ -348,6 +348,27 @@ def assert_beside(page, message, button):
     assert 0 <= below < 150 and 0 <= box["y"] and box["y"] + box["height"] <= height, (message, below, box)
 
 
+def test_presets_pick_their_model_and_data_and_lists_are_fresh(page, demo):
+    """A dataset made after the page loaded is offered on the tab switch; the Flux demo preset picks the tiny Flux
+    (not the SD demo) and fills; an LLM preset leaves the image dataset for a chat one."""
+    late = demo.root.parent / "datasets" / "late-chats"
+    late.mkdir(parents=True, exist_ok=True)
+    (late / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                      '{"role": "assistant", "content": "hello"}]}\n')
+    open_tab(page, "Dataset")
+    open_tab(page, "Config")
+    pick(page, "config-dataset", "late-chats")  # offered without a reload or a Refresh
+    pick(page, "config-dataset", "demo-shapes (demo)")
+    pick(page, "preset-picker", "Demo: tiny random Flux.1")
+    page.wait_for_function("() => document.querySelector('#config-base-model input').value.startsWith('tiny-flux')")
+    page.locator("#fill-config").click()
+    page.locator("#config-status").get_by_text("Filled from the demo-flux preset").wait_for()
+    assert "tiny-flux" in page.locator("#config-yaml").inner_text()
+    pick(page, "preset-picker", "LLM chat")
+    page.wait_for_function("() => !document.querySelector('#config-dataset input').value.includes('shapes')")
+    assert page.locator("#config-base-model input").input_value().startswith("tiny-llama")
+
+
 def test_fill_and_load_replace_on_the_second_press_and_start_never_trains_a_refused_yaml(page):
     """The studio's own YAML (filled, restored after a reload) is replaced at once; the user's edits on the second
     press, the refusal shown beside the button; Start refuses while a replacement was refused."""

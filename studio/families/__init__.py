@@ -139,10 +139,11 @@ def detect_family(task_type: str, base_model: str) -> Family:
     return next((f for f in images if any(hint in name for hint in f.name_hints)), images[0])
 
 
-def _image_family_of_files(path: Path) -> Family | None:
+def _image_family_of_files(path: Path, fallback: bool = True) -> Family | None:
+    """The family the files name; a diffusers folder of a pipeline no family lists is SD1.5-like (`fallback`)."""
     if path.is_dir() and (path / "model_index.json").is_file():
         cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
-        return family_of_pipeline_class(cls) or all_families(IMAGE_TASK)[0]
+        return family_of_pipeline_class(cls) or (all_families(IMAGE_TASK)[0] if fallback else None)
     if path.is_file() and path.suffix.lower() == ".safetensors":
         from studio.models.single_file import detect_family as from_header  # reads the header only
         try:
@@ -153,9 +154,17 @@ def _image_family_of_files(path: Path) -> Family | None:
 
 
 def resolve_family(cfg) -> Family:
-    """The run's family: its `model_family`, or detected from the task and the model's files for 'auto'."""
-    return get_family(cfg.model_family) if cfg.model_family != AUTO else detect_family(cfg.task_type,
-                                                                                       cfg.base_model)
+    """The run's family: its `model_family`, or detected from the task and the model's files for 'auto'. A family the
+    model's files contradict is refused here: planned or loaded as the wrong family, it fails deep inside."""
+    if cfg.model_family == AUTO:
+        return detect_family(cfg.task_type, cfg.base_model)
+    family = get_family(cfg.model_family)
+    found = _image_family_of_files(Path(cfg.base_model or "").expanduser(), fallback=False)
+    if found is not None and found is not family:
+        raise StudioError(f"base_model {cfg.base_model} is of the {found.label} family, but model_family is "
+                          f"{family.name} ({family.label}; a preset may set it). Pick a {family.label} base model, "
+                          f"or set model_family: {found.name} (or auto).")
+    return family
 
 
 def _attr(spec: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.config import FIELDS, TEXT_TASK, field_help, load_preset, parse_yaml, preset_names
+from studio.config import FIELDS, field_help, parse_yaml, preset_names
 from studio.errors import StudioError
 from studio.fileio import write_text_atomic
 from studio.plan.report import gb_text
@@ -22,13 +22,15 @@ from studio.ui.common import choices_update, error, help_table, note, ok, report
 from studio.ui.config_form import (FORM_KEYS, FORM_ROWS, GPU_KEY, form_edit, form_widget, set_config_key,
                                    set_yaml_key, yaml_to_form)
 from studio.ui.context import Studio
+from studio.ui.preset_picks import dataset_for, is_text_preset, models_for
 from studio.ui.replace_guard import ReplaceGuard
 from studio.workspace import check_name
 
 REASON_COLUMNS = ["key", "value", "why", "what it is"]
 BAR_CELLS = 30
 PRESET_LABELS = {"style": "Style (SD1.5/SDXL)", "character": "Character (SD1.5/SDXL)", "llm-chat": "LLM chat",
-                 "demo-image": "Demo: tiny SD, shapes", "demo-llm": "Demo: tiny random Llama (replies are noise)"}
+                 "demo-image": "Demo: tiny SD, shapes", "demo-flux": "Demo: tiny random Flux.1",
+                 "demo-llm": "Demo: tiny random Llama (replies are noise)"}
 
 
 @dataclass
@@ -175,12 +177,13 @@ def page_load(studio: Studio, preset: str, dataset: str | None):
 
 
 def preset_defaults(studio: Studio, preset: str, dataset: str | None):
-    """Base models for the preset's task, the demo's model and dataset for demo presets, and a fresh run name."""
-    text = load_preset(preset).get("task_type") == TEXT_TASK
-    models = studio.model_choices(image=not text)
+    """Base models for the preset's task (its family's first: studio.ui.preset_picks), a dataset of the kind it
+    trains on (the demo's for demo presets), and a fresh run name."""
+    models = models_for(studio, preset)
     if preset.startswith("demo") and studio.demo:
-        dataset = str((studio.demo.chat if text else studio.demo.images).relative_to(studio.workspace.root))
-    return (choices_update(studio.dataset_choices(), keep=dataset),
+        demo = studio.demo.chat if is_text_preset(preset) else studio.demo.images
+        dataset = str(demo.relative_to(studio.workspace.root))
+    return (choices_update(studio.dataset_choices(), keep=dataset_for(studio, preset, dataset)),
             gr.update(choices=models, value=models[0][1] if models else None),
             _fresh_run_name(studio, preset))
 
