@@ -37,5 +37,10 @@ bench: $(DEV_STAMP)  # bench/llm_train.py compares against TRL (requirements-dev
 bench-gpu: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/gpu.py --write $(ARGS)
 
+# The first CLI run: the built-in demo (built into workspace/demo/ if missing) trains in seconds on a CPU; the run
+# lands in workspace/runs/demo-image (then -2, -3...), where the studio's Runs table shows it too.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) train.py --config presets/demo-image.yaml $(ARGS)
+
 clean:
 	rm -rf $(VENV)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from studio.cli import configure_environment, exit_on_user_error, field_flags_help, tqdm_listener
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="with --plan: also how each row is computed")
     parser.add_argument("--vram-gb", type=float, metavar="GB",
                         help="plan and fit for a card with this much memory (the vram_budget_gb key)")
+    parser.add_argument("--workspace", type=Path, metavar="DIR",
+                        help="the studio workspace whose demo a demo preset trains (default: ./workspace)")
     parser.add_argument("--num-processes", type=int, metavar="N",
                         help="train on N GPUs (on a CPU: N processes) through accelerate (the num_processes key)")
     args = parser.parse_args(argv)
@@ -59,9 +62,14 @@ class JobResult:
 def run_job(config: str, args, stop: threading.Event) -> JobResult:
     """Fit and train one config (or print its plan); a StudioError propagates."""
     from studio.config import overrides_from_pairs, read_yaml
+    from studio.demo.for_cli import with_demo_paths
     from studio.plan.fit import fit_config
+    from studio.workspace import DEFAULT_ROOT
 
     data = {**read_yaml(config), **overrides_from_pairs(args.set)}
+    data, demo = with_demo_paths(data, Path(config), (args.workspace or DEFAULT_ROOT).expanduser().resolve())
+    if demo:
+        print(demo, file=sys.stderr)
     if args.vram_gb:
         data["vram_budget_gb"] = args.vram_gb
     if args.num_processes:
@@ -83,8 +91,6 @@ def run_job(config: str, args, stop: threading.Event) -> JobResult:
 def train_indexed(fitted, stop: threading.Event):
     """Train, with the run recorded in its workspace's index when output_dir is workspace/runs/<name>, so the
     studio's Runs table shows it too."""
-    from pathlib import Path
-
     from studio import distributed
     from studio.config import to_yaml
     from studio.events import EventSink

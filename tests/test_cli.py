@@ -1,5 +1,6 @@
 """train.py: the same run as the UI, from a YAML file; user mistakes print one message, no traceback."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,24 @@ def test_a_finished_run_is_never_trained_over(demo, tmp_path):
     more = run("--config", str(cfg), "--set", "resume_from=latest", "max_train_steps=3")
     assert more.returncode == 0, more.stderr
     assert "Done: step 3/3" in more.stdout and not (tmp_path / "out-3").exists()
+
+
+@pytest.mark.slow  # a subprocess CLI run
+def test_the_demo_preset_trains_from_the_cli(demo):
+    """`python train.py --config presets/demo-image.yaml`: the demo workspace's model, data and runs folder."""
+    done = run("--config", str(ROOT / "presets" / "demo-image.yaml"), "--workspace", str(demo.root.parent),
+               "--set", "max_train_steps=2", "sample_prompts=[]", "save_steps=0")
+    assert done.returncode == 0, done.stderr
+    assert f"base_model: {demo.sd15}" in done.stderr and f"train_data_dir: {demo.images}" in done.stderr
+    out = re.search(r"output_dir: (\S+)", done.stderr).group(1)
+    assert Path(out).parent == demo.root.parent / "runs" and Path(out).name.startswith("demo-image")
+    assert "Done: step 2/2" in done.stdout and "preset: demo-image" in (Path(out) / "config.yaml").read_text()
+
+
+def test_config_errors_come_in_one_round(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("preset: nope\nlora_rank: -3\nbase_model: ./no-model\ntrain_data_dir: ./no-data\noutput_dir: o\n")
+    result = run("--config", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for problem in ("Unknown preset 'nope'", "'lora_rank' is -3", "no-model", "no-data"):
+        assert problem in result.stderr, result.stderr
