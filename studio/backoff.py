@@ -3,7 +3,8 @@
 1. micro-batch: halve `batch_size` and multiply `gradient_accumulation_steps` by the same factor, so the effective
    batch (samples per optimizer update) is unchanged (an odd size drops to its largest proper divisor);
 2. gradient checkpointing on;
-3. images: `resolution` down one 64 px notch, not below 256 px; text: `max_length` halved, not below 64 tokens
+3. images: more of the denoiser's blocks in CPU memory (`blocks_to_swap`, streamed in as they run);
+4. images: `resolution` down one 64 px notch, not below 256 px; text: `max_length` halved, not below 64 tokens
    (a config already below a floor is not lowered).
 
 Pure functions over a RunConfig: the training loop calls them after an out-of-memory error (RUNTIME_LADDER), and the
@@ -26,6 +27,8 @@ RESOLUTION = "resolution"
 MAX_LENGTH = "max_length"
 QUANTIZE = "quantize"
 OPTIMIZER = "optimizer"
+BLOCK_SWAP = "block_swap"
+SWAP_STEPS = 8  # a rung swaps 1/8 of the denoiser's blocks more: few rungs, none far past what the card needs
 
 RESOLUTION_NOTCH = 64
 MIN_RESOLUTION = 256
@@ -81,6 +84,19 @@ def lower_length(cfg: RunConfig) -> Backoff | None:
     return Backoff(MAX_LENGTH, {"max_length": (cfg.max_length, lower)}) if lower < cfg.max_length else None
 
 
+def swap_more_blocks(cfg: RunConfig) -> Backoff | None:
+    """Images: keep 1/SWAP_STEPS more of the denoiser's blocks in CPU memory, up to all but one (the first block
+    stays on the card: its forward starts while the next one is copied)."""
+    if not cfg.is_image:
+        return None
+    from studio.plan.phases import swappable_blocks
+    total = swappable_blocks(resolve_family(cfg).name, cfg.base_model)
+    if cfg.blocks_to_swap >= total - 1:
+        return None
+    more = min(total - 1, cfg.blocks_to_swap + max(1, total // SWAP_STEPS))
+    return Backoff(BLOCK_SWAP, {"blocks_to_swap": (cfg.blocks_to_swap, more)})
+
+
 def quantize_weights(cfg: RunConfig) -> Backoff | None:
     """The next smaller base-weight format the family offers: fp8 storage (Flux.1), then 4-bit NF4 (Flux.1; LLMs:
     QLoRA).
@@ -103,11 +119,12 @@ def eight_bit_optimizer(cfg: RunConfig) -> Backoff | None:
 
 Rung = Callable[[RunConfig], "Backoff | None"]
 # At run time, after an out-of-memory error: what can change without reloading the model.
-RUNTIME_LADDER: tuple[Rung, ...] = (lower_micro_batch, turn_on_checkpointing, lower_length)
+RUNTIME_LADDER: tuple[Rung, ...] = (lower_micro_batch, turn_on_checkpointing, swap_more_blocks, lower_length)
 # Planning ahead (studio/plan/fit.py): checkpointing first, since it keeps the batch (the GPU's efficiency) for
-# ~30 % more compute; weight and optimizer formats can still be chosen; resolution / max_length come last.
+# ~30 % more compute; weight and optimizer formats can still be chosen; block swap (slower steps, same result)
+# before resolution / max_length, which come last.
 PLAN_LADDER: tuple[Rung, ...] = (turn_on_checkpointing, lower_micro_batch, quantize_weights, eight_bit_optimizer,
-                                 lower_length)
+                                 swap_more_blocks, lower_length)
 
 
 def next_backoff(cfg: RunConfig, ladder: tuple[Rung, ...] = RUNTIME_LADDER,

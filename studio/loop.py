@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from studio import checkpoints
-from studio.backoff import CHECKPOINTING, apply_backoff, exhausted_message, next_backoff
+from studio.backoff import BLOCK_SWAP, CHECKPOINTING, apply_backoff, exhausted_message, next_backoff
 from studio.checkpoints import Position
 from studio.config import RunConfig, save_config
 from studio.distributed import Processes, join
@@ -35,6 +35,7 @@ from studio.events import EventSink
 from studio.export.metadata import header_fields
 from studio.fileio import remove_orphans, write_errors
 from studio.hardware import autocast_dtype, configure_backends, pick_device
+from studio.master_weights import trainable_weights
 from studio.plan.fit import Fitted
 from studio.plan.run import measure_peak, peak_memory, report_plan
 from studio.tensorboard_log import TensorBoardListener
@@ -191,12 +192,13 @@ class _Training:
         self.device, self.autocast, self.procs = device, autocast, procs
         self.pos = Position()
         self.total = cfg.max_train_steps or cfg.epochs * len(self.groups())
-        self.optimizer = build_optimizer(cfg, engine.param_groups(), device)
+        # bf16/fp16 runs: LoRA weights in the compute dtype, fp32 masters in the optimizer (studio/master_weights.py)
+        self.weights = trainable_weights(engine.param_groups(), autocast, procs.sharded)
+        self.optimizer = build_optimizer(cfg, self.weights.groups, device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
         self.rng = torch.Generator().manual_seed(cfg.seed)  # noise and timesteps are drawn from here (checkpointed)
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.best_val: tuple[float, int] | None = None  # (loss, step): the lowest validation loss so far
         self.validated_step: int | None = None
 
@@ -213,20 +215,23 @@ class _Training:
             loss = self._forward_backward(group)
         except torch.OutOfMemoryError:
             loss = None  # leaving this block frees the error's traceback and with it the step's tensors
-        loss = self.procs.sum_gradients(self.params, loss)  # None in all processes when one ran out of memory
+        loss = self.procs.sum_gradients(self.weights.grad_owners, loss)  # None everywhere when one ran out of memory
         if loss is None:
             self.optimizer.zero_grad(set_to_none=True)
+            self.weights.discard()
             self.rng.set_state(rng_state)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return None
+        self.weights.attach_grads()
         if self.cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.weights.grad_owners, self.cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.weights.publish()
         return loss.item()  # read once per update: .item() syncs a GPU
 
     def _forward_backward(self, group: list[int]) -> torch.Tensor:
@@ -242,6 +247,7 @@ class _Training:
                 loss = self.engine.loss(batch, rng)
             loss = loss * (len(micro) / len(group))  # weighted by its share of the samples: any split, same gradient
             self.scaler.scale(loss).backward()
+            self.weights.collect()
             group_loss += loss.detach().float()
         return group_loss
 
@@ -258,6 +264,8 @@ class _Training:
         self.cfg = self.engine.cfg = apply_backoff(self.cfg, change)
         if change.kind == CHECKPOINTING:
             self.engine.enable_gradient_checkpointing()
+        elif change.kind == BLOCK_SWAP:
+            self.engine.apply_block_swap()
         elif change.remakes_data:
             self.engine.apply_length(self.cfg)
         if self.procs.is_main:
@@ -315,7 +323,7 @@ class _Training:
         """The adapter file(s) with the run's header (from the main process; the others export nothing)."""
         if not self.procs.is_main:
             return []
-        with self.procs.whole_model(self.engine):
+        with self.procs.whole_model(self.engine), self.weights.full_precision():
             metadata = {**export_metadata(self.cfg, self.engine, self.pos.step, seconds), **(extra or {})}
             return self.engine.export(self.out, metadata, name=name)
 
@@ -326,7 +334,7 @@ class _Training:
                     **self.procs.checkpoint_state()}
         if not self.procs.is_main:
             return None
-        with self.procs.whole_model(self.engine):
+        with self.procs.whole_model(self.engine), self.weights.full_precision():
             adapter = self.engine.adapter_state()
         path = checkpoints.save_checkpoint(self.out, adapter, training, self.pos, self.cfg.checkpoints_total_limit)
         self.events.emit("checkpoint", step=self.pos.step, total=self.total,
@@ -337,9 +345,9 @@ class _Training:
         path = checkpoints.resolve_resume(resume_from, self.out)
         adapter, state, self.pos = checkpoints.load_checkpoint(path)
         self.procs.check_resume(state, path)
-        with self.procs.whole_model(self.engine):
+        with self.procs.whole_model(self.engine), self.weights.full_precision():
             self.engine.load_adapter_state(adapter)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.rng.set_state(state["loop_rng"])

@@ -15,16 +15,23 @@ there; the ledger still counts), so the plan's phases and the engine's are one c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from studio.block_swap import IN_FLIGHT
+
 PHASES = ("load", "encode", "cache", "train", "sample", "validate", "save")
 GB = 2**30
 NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 absmax (double quant)
 ENCODE_WORKING = 1.15  # encoder weights × this: room for a chunk of captions' activations while encoding
-SWAP_WINDOW = 2  # swapped blocks on the card at once: the one computing and the next one being copied
+META = torch.device("meta")
+# Layers fp8 storage leaves in 16-bit: diffusers' defaults without "norm", which skips a norm's whole subtree and so
+# the modulation linears inside (Flux's norm1.linear: 3.2 B of 11.9 B weights); kohya's fp8_base stores those in fp8
+# too. Norm layers themselves are never cast (layerwise casting only casts linear and conv layers).
+FP8_SKIP = ("pos_embed", "patch_embed", "^proj_in$", "^proj_out$")
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ def decide(cfg, denoiser: str, encoders: dict[str, torch.nn.Module], card_gb: fl
     too_big = card_gb is not None and encoder_gb * ENCODE_WORKING + context_gb > FITS * card_gb
     storage = "fp8" if cfg.fp8_base else "nf4" if cfg.load_in_4bit else None
     return Decisions(denoiser, tuple(encoders), text_cached, cfg.cache_latents and not cfg.random_flip,
-                     text_cached and too_big, storage, getattr(cfg, "blocks_to_swap", 0))
+                     text_cached and too_big, storage, cfg.blocks_to_swap)
 
 
 def module_bytes(module: torch.nn.Module, nf4: bool = False, skip: frozenset[int] = frozenset()) -> int:
@@ -90,6 +97,10 @@ class Ledger:
     def peak(self, phase: str) -> int:
         return max((sum(r.values()) for p, r in self.entries if p == phase), default=0)
 
+    def last(self, phase: str) -> dict[str, int]:
+        """What the latest entry of `phase` held."""
+        return next((r for p, r in reversed(self.entries) if p == phase), {})
+
     def together(self, phase: str) -> set[frozenset[str]]:
         """The sets of components that were on the device at once in `phase`."""
         return {frozenset(r) for p, r in self.entries if p == phase}
@@ -111,11 +122,14 @@ class Residency:
         self.swapped = self.blocks[len(self.blocks) - count:] if count else []
         self._skip = frozenset(id(m) for m in self.swapped)
         self._swap = None
+        self._streaming = False
         self._logged: set[str] = set()
         denoiser = components[decisions.denoiser]
         if decisions.storage == "fp8" and not getattr(denoiser, "_studio_fp8", False):
             # Cast where the weights are (the CPU): the 16-bit denoiser never reaches the card.
-            denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+            from diffusers.hooks import apply_layerwise_casting  # not the model's method: it adds back "norm"
+            apply_layerwise_casting(denoiser, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                    skip_modules_pattern=FP8_SKIP)
             denoiser._studio_fp8 = True
 
     @property
@@ -130,6 +144,8 @@ class Residency:
                 self._place(name, module, self.home)
         for name in wanted:
             self._place(name, self.components[name], self.device)
+        if self._streaming and self.decisions.denoiser in wanted:
+            self._attach_swap()
         resident = {name: self._bytes_on_device(name) for name in wanted}
         self.ledger.record(phase, resident)
         self.phase = phase
@@ -138,30 +154,47 @@ class Residency:
             self.log(self._describe(phase, resident))
 
     def stream_blocks(self) -> None:
-        """Start streaming the swapped blocks (after LoRA is attached, so its weights stream with them)."""
-        if self.swapped and self._swap is None and self.device != self.home:
-            from studio.block_swap import BlockSwap
-            self._swap = BlockSwap(self.blocks, len(self.swapped), self.device)
-            self._swap.attach()
+        """Start streaming the swapped blocks, from now on whenever the denoiser is on the device (called after LoRA
+        is attached: its weights go to the device, the frozen ones stream)."""
+        self._streaming = bool(self.swapped) and self.home.type != "meta"
+        if self.decisions.denoiser in self.decisions.on_device(self.phase or "load"):
+            self._attach_swap()
 
-    def _place(self, name: str, module: torch.nn.Module, target: torch.device) -> None:
-        denoiser = name == self.decisions.denoiser
-        if denoiser and target == self.device:
-            self._quantize(module)
-        if self.home == self.device or _device_of(module) == target:
-            return
-        if not denoiser:
-            module.to(target)
-            return
+    def swap(self, count: int, blocks: list[torch.nn.Module]) -> None:
+        """Stream the last `count` of `blocks` from now on (a back-off raised blocks_to_swap mid-run)."""
         if self._swap is not None:
             self._swap.detach()
             self._swap = None
-        _move(module, target, self._skip if target == self.device else frozenset())
+        self.decisions = dataclasses.replace(self.decisions, blocks_to_swap=count)
+        self.blocks, self.swapped = list(blocks), list(blocks[len(blocks) - count:])
+        self._skip = frozenset(id(m) for m in self.swapped)
+        self.stream_blocks()
+
+    def _attach_swap(self) -> None:
+        if self._streaming and self._swap is None:
+            from studio.block_swap import BlockSwap
+            self._swap = BlockSwap(self.blocks, len(self.swapped), self.device).attach()
+
+    def _place(self, name: str, module: torch.nn.Module, target: torch.device) -> None:
+        if name != self.decisions.denoiser:
+            if self.home != self.device and _device_of(module) != target:
+                module.to(target)
+            return
+        if target == self.device:
+            self._quantize(module)
+            if self._swap is None and self.home not in (self.device, META):
+                _move(module, target, self._skip)
+            return
+        if self._swap is not None:  # the swapped blocks' hooks go before the denoiser leaves
+            self._swap.detach()
+            self._swap = None
+        if self.home != self.device:
+            module.to(target)
 
     def _quantize(self, denoiser: torch.nn.Module) -> None:
         """NF4 storage, once, on the denoiser's first way to the device: layer by layer, so no 16-bit copy of it is
         ever there (the swapped blocks are quantized where they stay). The meta model of the plan stays as it is."""
-        if self.decisions.storage != "nf4" or getattr(denoiser, "_studio_nf4", False) or self.home.type == "meta":
+        if self.decisions.storage != "nf4" or getattr(denoiser, "_studio_nf4", False) or self.home == META:
             return
         from studio.models.nf4 import quantize_linears_nf4
         for block in self.swapped:
@@ -174,7 +207,7 @@ class Residency:
         if name != self.decisions.denoiser:
             return module_bytes(module)
         nf4 = self.decisions.storage == "nf4"
-        window = max((module_bytes(b, nf4) for b in self.swapped), default=0) * min(SWAP_WINDOW, len(self.swapped))
+        window = max((module_bytes(b, nf4) for b in self.swapped), default=0) * min(IN_FLIGHT, len(self.swapped))
         return module_bytes(module, nf4, self._skip) + window
 
     def _describe(self, phase: str, resident: dict[str, int]) -> str:

@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from studio.backoff import (CHECKPOINTING, MAX_LENGTH, MICRO_BATCH, RESOLUTION, apply_backoff, effective_batch,
+from studio.backoff import (BLOCK_SWAP, CHECKPOINTING, MAX_LENGTH, MICRO_BATCH, RESOLUTION, apply_backoff, effective_batch,
                             next_backoff)
 from studio.cli import tqdm_listener
 from studio.config import TEXT_TASK, RunConfig, config_from_dict, load_config, read_yaml
@@ -38,9 +38,14 @@ def ladder(cfg):
 def test_image_ladder_order():
     start = RunConfig(batch_size=4, gradient_accumulation_steps=1, resolution=512)
     steps, last = ladder(start)
-    assert [s.kind for s in steps] == [MICRO_BATCH, MICRO_BATCH, CHECKPOINTING] + [RESOLUTION] * 4
+    kinds = [s.kind for s in steps]
+    swaps = kinds.count(BLOCK_SWAP)  # SD1.5's 38 swappable UNet units, 1/8 more per rung, all but the first
+    assert kinds == [MICRO_BATCH, MICRO_BATCH, CHECKPOINTING] + [BLOCK_SWAP] * swaps + [RESOLUTION] * 4
+    assert [s.changes["blocks_to_swap"][1] for s in steps[3:3 + swaps]] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 37]
+    assert steps[3].describe(5) == "Out of memory at step 5: blocks_to_swap 0→4, continuing"
     assert steps[0].changes == {"batch_size": (4, 2), "gradient_accumulation_steps": (1, 2)}
     assert steps[1].changes == {"batch_size": (2, 1), "gradient_accumulation_steps": (2, 4)}
+    steps = steps[:3] + steps[3 + swaps:]
     assert [s.changes["resolution"] for s in steps[3:]] == [(512, 448), (448, 384), (384, 320), (320, 256)]
     assert (last.batch_size, last.gradient_accumulation_steps, last.gradient_checkpointing, last.resolution) == (
         1, 4, True, 256)
@@ -63,10 +68,10 @@ def test_text_ladder_order_and_floors():
 
 
 def test_already_below_the_floors_nothing_is_lowered():
-    assert next_backoff(RunConfig(batch_size=1, gradient_checkpointing=True, resolution=192)) is None
+    assert next_backoff(RunConfig(batch_size=1, gradient_checkpointing=True, resolution=192, blocks_to_swap=37)) is None
     assert next_backoff(RunConfig(task_type=TEXT_TASK, batch_size=1, gradient_checkpointing=True,
                                   max_length=48)) is None
-    odd = next_backoff(RunConfig(batch_size=1, gradient_checkpointing=True, resolution=300))
+    odd = next_backoff(RunConfig(batch_size=1, gradient_checkpointing=True, resolution=300, blocks_to_swap=37))
     assert odd.changes == {"resolution": (300, 256)}  # one notch down lands on the 64 px grid
     assert next_backoff(RunConfig(task_type=TEXT_TASK, batch_size=1, gradient_checkpointing=True,
                                   max_length=100)).changes == {"max_length": (100, 64)}
@@ -147,7 +152,7 @@ def test_image_oom_halves_micro_batch_and_a_resume_keeps_it(demo, tmp_path):
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
 
 
-def test_image_oom_at_micro_batch_one_checkpoints_then_lowers_resolution(demo, tmp_path):
+def test_image_oom_at_micro_batch_one_checkpoints_then_swaps_blocks(demo, tmp_path):
     out, events = tmp_path / "run", []
     cfg = image_config(demo, out, train_data_dir=str(two_images(tmp_path / "two")), batch_size=1,
                        gradient_accumulation_steps=2, resolution=320, max_train_steps=2, save_steps=0)
@@ -156,11 +161,11 @@ def test_image_oom_at_micro_batch_one_checkpoints_then_lowers_resolution(demo, t
     assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
     assert [e.message for e in backoffs(events)] == [
         "Out of memory at step 1: gradient checkpointing on, continuing",
-        "Out of memory at step 1: resolution 320→256, continuing"]
+        "Out of memory at step 1: blocks_to_swap 0→1, continuing"]  # before the resolution (the ladder's test)
     assert seen["module"].is_gradient_checkpointing
-    assert all(shape[2] * shape[3] <= 32 * 32 for shape in seen["shapes"])  # latents of <= 256² px buckets
+    assert all(shape[2] * shape[3] == 40 * 40 for shape in seen["shapes"])  # still 320 px
     saved = read_yaml(out / "config.yaml")
-    assert saved["gradient_checkpointing"] is True and saved["resolution"] == 256
+    assert saved["gradient_checkpointing"] is True and saved["resolution"] == 320 and saved["blocks_to_swap"] == 1
     assert (saved["batch_size"], saved["gradient_accumulation_steps"]) == (1, 2)
 
 

@@ -2,8 +2,9 @@
 
 The user's keys always win. The memory-bound keys they did not set start from the preset's intent (its batch, rank,
 resolution) and the plan (studio/plan/memory.py) decides: while the planned peak is over the card, take the next
-step of the ladder — gradient checkpointing, halve the micro-batch (accumulation keeps the effective batch), 4-bit
-weights (LLMs), 8-bit AdamW, a lower resolution / max_length — then give the micro-batch back while it still fits.
+step of the ladder — gradient checkpointing, halve the micro-batch (accumulation keeps the effective batch), fp8 /
+4-bit weights, 8-bit AdamW, block swap (images), a lower resolution / max_length — then give the micro-batch back
+while it still fits.
 The rank is left alone: LoRA weights are a few MB, lowering them saves nothing. Every decided key gets a reason.
 """
 
@@ -96,7 +97,7 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
 
 QUALITY_KEYS = ("resolution", "max_length")  # lowered only when that makes the run fit
 MEMORY_KEYS = ("mixed_precision", "batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
-               "load_in_4bit", "fp8_base", "optimizer", "resolution", "max_length")
+               "load_in_4bit", "fp8_base", "optimizer", "blocks_to_swap", "resolution", "max_length")
 BASE_KEYS = ("batch_size", "gradient_checkpointing")  # always explained, changed or not
 
 

@@ -20,11 +20,13 @@ from studio.families import get_family
 from studio.hardware import HALF_DTYPES, storage_dtype
 from studio.plan import probes
 from studio.plan.probes import Built, Shape
+from studio.plan.phases import PhaseInputs, phase_rows, run_residency, train_weight_rows
 from studio.plan.terms import train_terms
 from studio.plan.report import CONTEXT_ROW, GB, MemoryPlan, PlanRow, count_text
+from studio.block_swap import IN_FLIGHT
+from studio.residency import NF4_BYTES, Residency, module_bytes
 
 CUDA_CONTEXT_GB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator statistics
-NF4_BYTES = 0.5 + 0.5 / 64 + 4 / (64 * 256)  # 4-bit weights, 8-bit absmax per 64, fp32 per 256 absmax (double quant)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # state per trained parameter
 
 
@@ -41,10 +43,12 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
     dtype = weight_dtype(cfg, on_gpu)
     length = cfg.resolution if cfg.is_image else cfg.max_length
     shape = Shape(family, cfg.base_model, cfg.lora_rank, tuple(cfg.target_modules) if cfg.target_modules else None,
-                  cfg.train_text_encoder and cfg.is_image, dtype)
+                  cfg.train_text_encoder and cfg.is_image, dtype, cfg.allow_unsafe_pickle)
     found, trace = probes.build(shape), probes.trace(shape, length)
     size = torch.finfo(dtype).bits // 8
-    rows = _weight_rows(cfg, family, found, size, on_gpu)
+    residency = (run_residency(cfg, family, found.source.folder, dtype, card_gb, CUDA_CONTEXT_GB)
+                 if cfg.is_image and on_gpu else None)  # the CPU holds every component in RAM at once
+    rows = _weight_rows(cfg, family, found, size, residency)
     lora = found.lora_params
     # Several processes: the gradients are summed through one flat fp32 buffer beside them.
     grads = 2 if cfg.num_processes > 1 else 1
@@ -53,8 +57,9 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
     rows.append(PlanRow("optimizer state", lora * OPTIMIZER_BYTES[cfg.optimizer] / GB, cfg.optimizer))
     unit = "px" if cfg.is_image else "tokens"
     ckpt = "with" if cfg.gradient_checkpointing else "without"
-    rows.append(PlanRow("activations", trace.activations(cfg.gradient_checkpointing) * cfg.batch_size / GB,
-                        f"micro-batch {cfg.batch_size} at {length} {unit}, {ckpt} gradient checkpointing"))
+    rows.append(PlanRow("activations", _activations(cfg, trace) * cfg.batch_size / GB,
+                        f"micro-batch {cfg.batch_size} at {length} {unit}, {ckpt} gradient checkpointing"
+                        + (", layer inputs offloaded" if _offloads(cfg) else "")))
     rows.append(PlanRow("backward working set", trace.backward_peak() * cfg.batch_size / GB,
                         "gradients of one block's activations"))
     rows += train_terms(cfg, shape, length, found, trace, on_gpu)  # what the trace does not see (terms.py)
@@ -62,13 +67,34 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
     if captions:  # frozen text encoders: each caption's embedding is cached on the device (latents stay in RAM)
         rows.append(PlanRow("cached text embeddings", captions * found.text_elements * size / GB,
                             f"up to {captions} captions"))
+    phases = []
+    if residency is not None:
+        lora_gb = sum(row.gb for row in rows if row.name in ("LoRA weights + gradients", "optimizer state"))
+        text_gb = sum(row.gb for row in rows if row.name == "cached text embeddings")
+        inputs = PhaseInputs(lora_gb, text_gb, sum(row.gb for row in rows), trace.backward_peak() / GB,
+                             cfg.batch_size)
+        phases = phase_rows(residency, inputs, length)
     if on_gpu:
         rows.append(PlanRow(CONTEXT_ROW, CUDA_CONTEXT_GB, "context and cuBLAS/cuDNN workspaces (not in torch's "
                                                           "allocated memory)"))
-    return MemoryPlan(rows, card_gb, found.source.note, probes.flops(shape, length) if flops else None)
+    return MemoryPlan(rows, card_gb, found.source.note, probes.flops(shape, length) if flops else None, phases)
 
 
-def _weight_rows(cfg: RunConfig, family: str, found: Built, size: int, on_gpu: bool) -> list[PlanRow]:
+def _offloads(cfg: RunConfig) -> bool:
+    return cfg.offload_activations and cfg.gradient_checkpointing and not cfg.is_image
+
+
+def _activations(cfg: RunConfig, trace) -> int:
+    """Bytes of one sample's activations. Offloaded checkpointing (studio.activation_offload) keeps two layer
+    inputs on the card, not every one: the one the backward recomputes and the next, arriving."""
+    if not _offloads(cfg):
+        return trace.activations(cfg.gradient_checkpointing)
+    units = max(len(trace.unit_saved), 1)
+    return trace.outside + min(2, units) * trace.unit_inputs // units + max(trace.unit_saved, default=0)
+
+
+def _weight_rows(cfg: RunConfig, family: str, found: Built, size: int,
+                 residency: Residency | None) -> list[PlanRow]:
     """Frozen weights at the dtype the engine stores them in."""
     dtype_name = {4: "fp32", 2: "bf16" if cfg.mixed_precision == "bf16" else "fp16"}[size]
     if not cfg.is_image:
@@ -77,36 +103,43 @@ def _weight_rows(cfg: RunConfig, family: str, found: Built, size: int, on_gpu: b
         shards = cfg.num_processes if cfg.distributed == "fsdp" else 1
         where = f", a 1/{shards} shard per GPU" if shards > 1 else ""
         if cfg.load_in_4bit:
-            rest = total - found.quantizable
-            # peft's k-bit preparation upcasts the unquantized weights to fp32; under autocast the engine puts the
-            # embedding tables back to 16-bit, so only the norms stay fp32 (a few MB).
-            tables = found.embeddings if size == 2 else 0
+            rest = total - found.quantizable  # at the storage dtype (the engine upcasts none of them)
             return [PlanRow("weights, 4-bit layers", found.quantizable * NF4_BYTES / GB / shards,
                             f"{count_text(found.quantizable)} parameters in NF4{where}"),
-                    PlanRow("weights, embeddings + norms", (tables * size + (rest - tables) * 4) / GB / shards,
-                            f"{count_text(rest)} parameters, embeddings {dtype_name}, norms fp32{where}")]
+                    PlanRow("weights, embeddings + norms", rest * size / GB / shards,
+                            f"{count_text(rest)} parameters, {dtype_name}{where}")]
         return [PlanRow("weights", total * size / GB / shards, f"{count_text(total)} parameters, {dtype_name}{where}")]
+    return _image_weight_rows(cfg, family, found, size, dtype_name, residency)
+
+
+def _image_weight_rows(cfg: RunConfig, family: str, found: Built, size: int, dtype_name: str,
+                       residency: Residency | None) -> list[PlanRow]:
+    """Each component's weights as the train phase holds them (from the residency ledger; on the CPU, all of
+    them: system RAM holds every component at once)."""
     recipe = get_family(family).load_recipe()
-    rows = []
+    notes = {}
     for name, params in found.frozen.items():
-        if name == recipe.denoiser and cfg.load_in_4bit:
-            rest = params - found.quantizable
-            rows.append(PlanRow(f"{name} weights", (found.quantizable * NF4_BYTES + rest * size) / GB,
-                                f"{count_text(found.quantizable)} linear weights in NF4 (computed in {dtype_name}), "
-                                f"{count_text(rest)} others {dtype_name}"))
-        elif name == recipe.denoiser and cfg.fp8_base:
-            rows.append(PlanRow(f"{name} weights", params / GB, f"{count_text(params)} parameters, fp8 (computed in "
-                                                                 f"{dtype_name})"))
-        elif name.startswith("text_encoder") and recipe.offload_encoders and on_gpu and not cfg.shuffle_tags:
-            # Flux's T5: on the card only while the captions are encoded, before the first step.
-            rows.append(PlanRow(f"{name} weights", 0.0, f"{count_text(params)} parameters, {dtype_name} "
-                                                        f"({params * size / GB:.1f} GB): off the card once the "
-                                                        "captions are cached"))
-        else:
-            vae = name == "vae"  # the engine keeps the VAE in fp32: SD VAEs overflow in fp16
-            rows.append(PlanRow(f"{name} weights", params * (4 if vae else size) / GB,
-                                f"{count_text(params)} parameters, {'fp32' if vae else dtype_name}"))
-    return rows
+        dtype = "fp32" if name == "vae" else dtype_name  # the engine keeps the VAE in fp32: SD VAEs overflow in fp16
+        notes[name] = f"{count_text(params)} parameters, {dtype}"
+    denoiser = recipe.denoiser
+    if cfg.load_in_4bit:
+        notes[denoiser] = (f"{count_text(found.frozen[denoiser])} parameters, linear weights in NF4 (computed in "
+                           f"{dtype_name})")
+    elif cfg.fp8_base:
+        notes[denoiser] = f"{count_text(found.frozen[denoiser])} parameters, fp8 (computed in {dtype_name})"
+    if residency is None:
+        def stored(name: str, params: int) -> float:
+            if name == denoiser and cfg.load_in_4bit:
+                return found.quantizable * NF4_BYTES + (params - found.quantizable) * size
+            return params * (1 if name == denoiser and cfg.fp8_base else 4 if name == "vae" else size)
+        return [PlanRow(f"{name} weights", stored(name, params) / GB, notes[name])
+                for name, params in found.frozen.items()]
+    if residency.swapped:
+        nf4 = residency.decisions.storage == "nf4"
+        off = sum(module_bytes(block, nf4) for block in residency.swapped) / GB
+        notes[denoiser] += (f"; {len(residency.swapped)} of {len(residency.blocks)} blocks in CPU memory "
+                            f"({off:.1f} GB), {IN_FLIGHT} on the card at a time")
+    return train_weight_rows(residency, notes)
 
 
 def _image_count(cfg: RunConfig) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GB = 2**30
 FITS, TIGHT = 0.92, 1.0  # share of the card a plan may use: the rest is allocator fragmentation
@@ -22,15 +22,24 @@ class MemoryPlan:
     card_gb: float | None  # None: no GPU, the run uses system RAM
     source: str  # where the model sizes came from
     flops_per_sample: int | None = None
+    # Image runs on a GPU: each phase's allocated GB (studio/plan/phases.py); `rows` are the train phase's
+    phases: list[PlanRow] = field(default_factory=list)
 
     @property
     def peak_gb(self) -> float:
-        return sum(row.gb for row in self.rows)
+        return self.allocated_gb + sum(row.gb for row in self.rows if row.name == CONTEXT_ROW)
 
     @property
     def allocated_gb(self) -> float:
-        """The part torch's allocator sees (`torch.cuda.max_memory_allocated`): all but the CUDA context."""
+        """The part torch's allocator sees (`torch.cuda.max_memory_allocated`): all but the CUDA context; with
+        phases, the highest phase's."""
+        if self.phases:
+            return max(row.gb for row in self.phases)
         return sum(row.gb for row in self.rows if row.name != CONTEXT_ROW)
+
+    @property
+    def peak_phase(self) -> str | None:
+        return max(self.phases, key=lambda row: row.gb).name if self.phases else None
 
     @property
     def fits(self) -> bool:
@@ -55,6 +64,9 @@ class MemoryPlan:
         """The plan as aligned text lines (the CLI's --plan)."""
         width = max(len(row.name) for row in self.rows)
         lines = [f"  {row.name:<{width}}  {gb_text(row.gb):>9}  {row.note}".rstrip() for row in self.rows]
+        if self.phases:
+            lines.append("  phases (allocated; the highest is the peak, with the CUDA context):")
+            lines += [f"  {'· ' + row.name:<{width}}  {gb_text(row.gb):>9}  {row.note}" for row in self.phases]
         lines.append(f"  {'peak':<{width}}  {gb_text(self.peak_gb):>9}  {self.summary()}")
         return "\n".join(lines)
 
