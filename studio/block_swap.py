@@ -37,8 +37,21 @@ OnMove = Callable[[str, int, int], None]  # (FORWARD or BACKWARD, block index in
 
 
 def frozen_tensors(block: torch.nn.Module) -> list[torch.Tensor]:
-    """What a swapped block keeps off the device: its frozen parameters and its buffers (LoRA weights stay)."""
-    return [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())
+    """What a swapped block keeps off the device: its frozen parameters, its buffers and, for bitsandbytes NF4
+    weights, their per-layer quantization data (LoRA weights stay)."""
+    frozen = [p for p in block.parameters() if not p.requires_grad]
+    return frozen + list(block.buffers()) + [t for p in frozen for t in _quant_state(p)[0]]
+
+
+def _quant_state(param: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """An NF4 weight's (absmax and offsets: per layer, they move with it; code tables: 256 values each, they stay
+    on the device), or nothing for other weights."""
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return [], []
+    nested = state.state2 if state.nested else None
+    data = [state.absmax, *([state.offset, nested.absmax] if nested else [])]
+    return data, [state.code, *([nested.code] if nested else [])]
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
@@ -102,8 +115,10 @@ class BlockSwap:
             for tensor, host in zip(tensors, self._host[index]):
                 tensor.data = host
             for param in block.parameters():
-                if param.requires_grad and param.device != self.device:
-                    param.data = param.data.to(self.device)
+                kept = [param] if param.requires_grad else _quant_state(param)[1]
+                for tensor in kept:
+                    if tensor.device != self.device:
+                        tensor.data = tensor.data.to(self.device)
             self._tensors[index], self._state[index] = tensors, OFF
             self._handles += [block.register_forward_pre_hook(partial(self._pre_forward, index), with_kwargs=True),
                               block.register_forward_hook(partial(self._post_forward, index), with_kwargs=True)]

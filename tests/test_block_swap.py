@@ -24,8 +24,8 @@ STEPS = 3
 
 
 class PoisonedSwap(BlockSwap):
-    """A swapped block's weights read NaN whenever they are not loaded, so any use of a block that was not moved in
-    first (forward, backward or recompute) turns the loss or the gradients into NaN."""
+    """A swapped block's weights read NaN (packed integer weights: 0) whenever they are not loaded, so any use of a
+    block that was not moved in first (forward, backward or recompute) changes the loss or the gradients."""
 
     def attach(self):
         super().attach()
@@ -36,7 +36,7 @@ class PoisonedSwap(BlockSwap):
     def _release(self, index):
         super()._release(index)
         for tensor in self._tensors[index]:
-            tensor.data = torch.full_like(tensor, math.nan)
+            tensor.data = torch.full_like(tensor, math.nan if tensor.is_floating_point() else 0)
 
 
 def flux_model():
@@ -117,6 +117,55 @@ def test_same_losses_gradients_and_adapter(build, checkpointing, early_stop):
     if with_grad == list(swap.swapped):
         assert swap.bytes_moved == STEPS * transfer_seconds(blocks, count, 1.0) * 1e9
     assert all(t.isnan().all() for i in swap.swapped for t in swap._tensors[i])  # all released after the step
+
+
+def test_fp8_storage_streams_fp8_and_trains_the_same():
+    """fp8 storage (diffusers' layerwise casting, as fp8_base sets it) under bf16 autocast with checkpointing: the
+    swapped blocks cross in fp8 and the gradients are those without swap."""
+    results = []
+    for count in (0, 3):
+        model, inputs, recipe = flux_model()
+        model = model.to(torch.bfloat16).requires_grad_(False)
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        model = with_lora(model, checkpointing=True)
+        blocks = recipe.swap_blocks(model)
+        moved = []
+        BlockSwap(blocks, count, CPU, on_move=lambda why, index, size: moved.append(size)).attach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**{k: v.to(torch.bfloat16) if k in ("hidden_states", "pooled_projections",
+                                                                "encoder_hidden_states") else v
+                           for k, v in inputs.items()})[0]
+        out.float().square().mean().backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        adapted = [m.base_layer.weight for b in blocks[len(blocks) - count:] for m in b.modules()
+                   if hasattr(m, "base_layer")]
+        assert all(w.dtype == torch.float8_e4m3fn for w in adapted) and (adapted or not count)
+        assert sum(moved) == 2 * swapped_bytes(blocks, count)
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+def test_nf4_weights_stream_with_their_quantization_data():
+    """load_in_4bit's NF4 layers (bitsandbytes' CPU backend here): weights, absmax and offsets move; same gradients."""
+    from studio.models.nf4 import quantize_linears_nf4
+
+    results = []
+    for count in (0, 3):
+        model, inputs, recipe = flux_model()
+        model = model.to(torch.bfloat16).requires_grad_(False)
+        quantize_linears_nf4(model, CPU, compute_dtype=torch.bfloat16)
+        model = with_lora(model, checkpointing=False)
+        blocks = recipe.swap_blocks(model)
+        swap = PoisonedSwap(blocks, count, CPU).attach()
+        if count:
+            absmax = blocks[-1].attn.to_q.base_layer.weight.quant_state.absmax
+            assert any(t is absmax for t in swap._tensors[len(blocks) - 1])  # poisoned between uses too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**{k: v.to(torch.bfloat16) if k in ("hidden_states", "pooled_projections",
+                                                                "encoder_hidden_states") else v
+                           for k, v in inputs.items()})[0]
+        out.float().square().mean().backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
 
 
 def test_backward_keeps_at_most_two_blocks_loaded():
