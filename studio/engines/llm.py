@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
@@ -32,6 +32,8 @@ from studio.errors import StudioError
 from studio.export.peft_merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, save_adapter
 from studio.families import get_family
 from studio.hardware import storage_dtype, to_device
+from studio.activation_offload import use_offloaded_checkpointing
+from studio.llm_loss import causal_lm_loss, why_not_chunked
 from studio.preview.chat import generate_reply
 
 ALL_LINEAR = "all-linear"
@@ -96,16 +98,13 @@ class LLMEngine(Engine):
         dtype = storage_dtype(self.autocast, self.device.type)
         model = load_causal_lm(cfg.base_model, dtype=dtype, device=self.device, load_in_4bit=cfg.load_in_4bit,
                                compute_dtype=self.autocast or torch.bfloat16)
-        if cfg.load_in_4bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                    **CHECKPOINTING)
-            if self.autocast:
-                # peft upcasts every unquantized weight to fp32 for runs without autocast; ours autocasts, so the
-                # frozen embedding tables go back to 16-bit (2 GB less for an 8B model with a 128k vocabulary).
-                for table in (model.get_input_embeddings(), model.get_output_embeddings()):
-                    table.to(self.autocast)
-        elif cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(**CHECKPOINTING)
+        # Not peft's prepare_model_for_kbit_training: it upcasts every unquantized weight to fp32 on the card, so
+        # the 8B's 128k-row embedding tables each asked 1.96 GiB at load (the 8 GB card's out-of-memory), and fp32
+        # norm weights turn the whole residual stream fp32 (fp32 weight × 16-bit input), doubling every
+        # checkpointed layer input. Those weights stay at the storage dtype, as in a 16-bit LoRA run (the norms
+        # compute in fp32 inside either way); get_peft_model freezes the base.
+        if cfg.gradient_checkpointing:
+            self._checkpoint(model)
         if cfg.packing:
             self._attend_samples_apart(model)
         self.target_modules = target_modules(model, cfg.target_modules)
@@ -115,8 +114,12 @@ class LLMEngine(Engine):
         except ValueError as exc:
             raise StudioError(f"Cannot attach LoRA: {exc}. Set target_modules to module names of this model, or "
                               f"[{ALL_LINEAR}].") from None
+        self.own_loss_because = why_not_chunked(model.get_base_model())
+        if self.own_loss_because:
+            self.events.emit("log", message=f"Loss over the full logits: {self.own_loss_because}.")
         if cfg.torch_compile:
-            model.compile()  # in place: parameter names, and so the adapter's keys, stay as they are
+            # The decoder (the loss runs it, and the LM head in chunks), in place: the adapter's keys stay as they are.
+            model.get_base_model().get_decoder().compile()
         return model
 
     def _attend_samples_apart(self, model) -> None:
@@ -127,7 +130,12 @@ class LLMEngine(Engine):
         self.events.emit("log", message=f"Attention for packed rows: {model.config._attn_implementation}.")
 
     def enable_gradient_checkpointing(self) -> None:
-        self.model.gradient_checkpointing_enable(**CHECKPOINTING)  # the peft model passes it to the base model
+        self._checkpoint(self.model)
+
+    def _checkpoint(self, model) -> None:
+        model.gradient_checkpointing_enable(**CHECKPOINTING)  # a peft model passes it to the base model
+        if self.cfg.offload_activations:
+            use_offloaded_checkpointing(model)
 
     def apply_length(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -179,8 +187,10 @@ class LLMEngine(Engine):
     # --- training ----------------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
         batch = {k: to_device(v, self.device) for k, v in batch.items()}
-        # use_cache=False: no KV cache in training (and a cache would turn off the packed-sequence masking).
-        return self.model(**batch, use_cache=False).loss
+        if self.own_loss_because:
+            # use_cache=False: no KV cache in training (and a cache would turn off the packed-sequence masking).
+            return self.model(**batch, use_cache=False).loss
+        return causal_lm_loss(self.model, batch)  # the same loss, never all positions' logits at once
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.learning_rate}]

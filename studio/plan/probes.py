@@ -111,6 +111,7 @@ def _build_llm(shape: Shape) -> Built:
     from peft import LoraConfig, get_peft_model
 
     from studio.engines.llm import target_modules
+    from studio.llm_loss import causal_lm_loss
 
     source = llm_source(shape.base_model)
     model = build_llm(source)
@@ -129,7 +130,7 @@ def _build_llm(shape: Shape) -> Built:
         ids = torch.zeros(1, length, dtype=torch.long, device="meta")
         # A ready 4-D mask: transformers' mask building reads values, which meta tensors do not have.
         mask = torch.ones(1, 1, length, length, dtype=torch.bool, device="meta")
-        return model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+        return causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})  # the engine's loss
 
     return Built(source, frozen, lora_params, quantizable, embeddings, 0, model, run, _transformers_checkpointing)
 

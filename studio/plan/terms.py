@@ -7,8 +7,8 @@ trace counts what autograd saves in a 16-bit model; on the card the step also ho
   weights autocast keeps for the whole step;
 - the LM loss: the logits' fp32 gradient and log-softmax gradient at the start of backward (or one chunk of them
   where studio.llm_loss runs the loss in chunks);
-- 4-bit LLMs: norms kept in fp32 (peft's k-bit preparation) turn the hidden states fp32 from the first norm on, and
-  bitsandbytes dequantizes each 4-bit layer to 16-bit for its matmul;
+- 4-bit LLMs: bitsandbytes dequantizes each 4-bit layer to 16-bit for its matmul (the engine keeps the norms
+  16-bit, so the hidden states stay 16-bit, unlike peft's k-bit preparation);
 - cuBLAS's workspace, which torch allocates through its own allocator.
 cuDNN's convolution workspaces are transient and chosen per kernel; the measured image peaks sit inside the
 planned ones without a row for them (the fit's 8 % margin covers the allocator's fragmentation).
@@ -39,8 +39,6 @@ def train_terms(cfg: RunConfig, shape: Shape, length: int, found: Built, trace: 
         rows += _autocast_rows(cfg, shape, length, found, trace, size)
     if not cfg.is_image:
         rows.append(_lm_loss_row(cfg, length, found, trace))
-        if cfg.load_in_4bit and autocast:
-            rows.append(_fp32_hidden_row(cfg, trace))
     if cfg.load_in_4bit:
         rows.append(_dequantized_row(found, size))
     rows.append(PlanRow("cuBLAS workspace", CUBLAS_WORKSPACE / GB, "torch allocates it on the first matmul",
@@ -84,20 +82,6 @@ def _loss_chunk_bytes(model: torch.nn.Module, vocab: int) -> int | None:
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return None if why_not_chunked(base) else chunk_bytes(vocab, 2)
-
-
-def _fp32_hidden_row(cfg: RunConfig, trace: Trace) -> PlanRow:
-    """fp32 norm weight × 16-bit input promotes to fp32, and 4-bit layers return their input's dtype: from the
-    first norm on the residual stream is fp32, twice the 16-bit bytes the trace counted."""
-    units = max(len(trace.unit_saved), 1)
-    if cfg.gradient_checkpointing:
-        extra = trace.unit_inputs * (units - 1) / units + max(trace.unit_saved, default=0) + trace.backward_peak()
-        formula = "(unit inputs × (layers − 1)/layers + one unit's recompute + its gradients) × micro-batch"
-    else:
-        extra = sum(trace.unit_saved)
-        formula = "every layer's saved bytes × micro-batch (each at most doubles from 16-bit to fp32)"
-    return PlanRow("fp32 hidden states (4-bit)", extra * cfg.batch_size / GB,
-                   "fp32 norms turn the layers' outputs fp32", formula)
 
 
 def _dequantized_row(found: Built, size: int) -> PlanRow:
