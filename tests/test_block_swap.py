@@ -233,6 +233,7 @@ def test_time_estimate_adds_the_copying_to_a_run_without_swap(tmp_path):
     text = estimate_text(swapping, tmp_path, signature, swap_bytes)
     assert PCIE_GBPS == 12.0 and "about 5 min" in text and "0.50 s per sample to stream 20 swapped blocks" in text
     assert "about 3 min" in estimate_text(plain, tmp_path, run_signature(plain, "flux1", "GPU"))  # 200 samples × 1 s
+    assert "without block swap: streaming 20 blocks adds to it" in estimate_text(swapping, tmp_path, signature)
     # an earlier run with the same swap already measured the copying
     (earlier / "events.jsonl").write_text("\n".join(json.dumps(e) for e in [
         {"kind": "plan", "data": {"signature": signature, "effective_batch": 2}},

@@ -73,19 +73,22 @@ def total_samples(cfg: RunConfig) -> int | None:
     return cfg.epochs * math.ceil(per_epoch / effective) * effective
 
 
-def estimate_text(cfg: RunConfig, runs_dir: Path, signature: dict, swap_bytes: int = 0) -> str:
+def estimate_text(cfg: RunConfig, runs_dir: Path, signature: dict, swap_bytes: int | None = None) -> str:
     """'About 1 h 20 min (at the speed of run X)', or why there is no estimate yet. A run with block swap (its
-    swapped blocks hold `swap_bytes`) goes at an earlier run's speed with the same swap, else at one without swap
-    plus the copying."""
-    speed, samples, copying = known_speed(runs_dir, signature), total_samples(cfg), 0.0
+    swapped blocks hold `swap_bytes`: the plan's figure) goes at an earlier run's speed with the same swap, else at
+    one without swap plus the copying."""
+    speed, samples, copying, swap = known_speed(runs_dir, signature), total_samples(cfg), 0.0, ""
     if speed is None and "blocks_to_swap" in signature:
         speed = known_speed(runs_dir, {k: v for k, v in signature.items() if k != "blocks_to_swap"})
-        copying = swap_seconds(swap_bytes) / (cfg.batch_size * cfg.num_processes)  # per sample
+        if swap_bytes is None:
+            swap = f", without block swap: streaming {cfg.blocks_to_swap} blocks adds to it"
+        else:
+            copying = swap_seconds(swap_bytes) / (cfg.batch_size * cfg.num_processes)  # per sample
+            swap = (f", plus up to {copying:.2f} s per sample to stream {cfg.blocks_to_swap} swapped blocks at "
+                    f"{PCIE_GBPS:.0f} GB/s")
     if speed is None:
         return "Time: no estimate yet (no earlier run of this model size on this card)."
     per_sample = speed.seconds_per_sample + copying
-    swap = (f", plus up to {copying:.2f} s per sample to stream {cfg.blocks_to_swap} swapped blocks at "
-            f"{PCIE_GBPS:.0f} GB/s" if copying else "")
     if samples is None:
         return f"Time: {per_sample:.2f} s per sample (run {speed.run}{swap}); set max_train_steps for a total."
     return f"Time: about {duration_text(samples * per_sample)} (at the speed of run {speed.run}{swap})."
