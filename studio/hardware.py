@@ -56,9 +56,10 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def storage_dtype(autocast: torch.dtype | None, device_type: str) -> torch.dtype:
-    """The dtype frozen base weights are stored in: the autocast dtype on GPUs (half the memory), else fp32.
-    LoRA weights stay fp32 either way. The engines load with it; the memory plan counts with it."""
-    return autocast if autocast is not None and device_type == "cuda" else torch.float32
+    """The dtype frozen base weights are stored in: the autocast dtype on GPUs and under CPU autocast (half the
+    memory, and no cast of every weight on every call), else fp32. LoRA weights train in it too, with fp32 masters
+    (studio/master_weights.py). The engines load with it; the memory plan counts with it."""
+    return autocast if autocast is not None and device_type in ("cuda", "cpu") else torch.float32
 
 
 def auto_precision(device_type: str, bf16: bool) -> tuple[str, str]:

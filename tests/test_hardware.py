@@ -14,7 +14,8 @@ def test_auto_precision():
 
 def test_frozen_weights_are_16_bit_only_on_gpus():
     assert storage_dtype(torch.bfloat16, "cuda") == torch.bfloat16
-    assert storage_dtype(torch.bfloat16, "cpu") == torch.float32  # CPU autocast still keeps fp32 weights
+    assert storage_dtype(torch.bfloat16, "cpu") == torch.bfloat16  # no per-call weight cast under CPU autocast
+    assert storage_dtype(None, "cpu") == torch.float32
     assert storage_dtype(None, "cuda") == torch.float32
 
 

@@ -1,0 +1,136 @@
+"""Operations per update: the CPU proxy for a GPU's kernel launches (issue 24).
+
+The studio trainer, bf16 autocast on the CPU, on four denoiser / LLM topologies at toy widths. torch.profiler counts
+over updates 6-12: every aten op, the `aten::copy_` among them (dtype casts and layout conversions) and `aten::mm`.
+On a GPU each of those ops is roughly one kernel launch, and an SD1.5 update is launch-bound (see
+../shared/gpu-measurements/2026-12-04/), so fewer ops per update means a busier GPU. s/update is timed over the
+updates after the profiled ones.
+
+- SD1.5: the SD1.5 UNet's topology (4 levels, 2 layers per block, 16 transformer blocks) with every width / 10,
+  64 px, batch 8.
+- SDXL: SDXL's UNet topology (3 levels, 1/2/10 transformer layers per level) with every width / 10, 64 px, batch 8.
+- Flux.1: Flux.1's 19 double-stream and 38 single-stream blocks at the demo's tiny widths, 64 px, batch 8.
+- Llama: the demo's tiny Llama (2 layers), batch 8.
+
+Run: `.venv/bin/python bench/ops_per_update.py [--write] [--only sd15]`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.results import update_results  # noqa: E402
+from studio.config import config_from_dict  # noqa: E402
+from studio.demo import ensure_demo  # noqa: E402
+from studio.demo.datasets import build_demo_images  # noqa: E402
+from studio.events import EventSink  # noqa: E402
+from studio.loop import train  # noqa: E402
+
+PROFILED = (6, 12)  # updates, inclusive
+TIMED = 8  # updates after the profiled ones
+CONFIGS = Path(__file__).resolve().parent.parent / "studio" / "models" / "configs"
+
+
+def _unet_proxy(demo_model: Path, shipped: str, out: Path, **overrides) -> Path:
+    """`demo_model`'s pipeline with its UNet replaced by the `shipped` UNet config at widths / 10."""
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(demo_model, out)
+    config = json.loads((CONFIGS / shipped / "unet" / "config.json").read_text(encoding="utf-8"))
+    config["block_out_channels"] = [c // 10 for c in config["block_out_channels"]]
+    config.update(sample_size=8, **overrides)
+    torch.manual_seed(0)
+    shutil.rmtree(out / "unet")
+    UNet2DConditionModel.from_config(config).save_pretrained(out / "unet")
+    return out
+
+
+def _flux_proxy(demo_model: Path, out: Path) -> Path:
+    from diffusers import FluxTransformer2DModel
+
+    shutil.copytree(demo_model, out)
+    config = json.loads((out / "transformer" / "config.json").read_text(encoding="utf-8"))
+    shipped = json.loads((CONFIGS / "flux1-dev" / "transformer" / "config.json").read_text(encoding="utf-8"))
+    config.update(num_layers=shipped["num_layers"], num_single_layers=shipped["num_single_layers"])
+    torch.manual_seed(0)
+    shutil.rmtree(out / "transformer")
+    FluxTransformer2DModel.from_config(config).save_pretrained(out / "transformer")
+    return out
+
+
+def models(tmp: Path) -> dict[str, tuple[Path, Path, dict]]:
+    """name → (model folder, data folder, config overrides)."""
+    demo = ensure_demo(tmp / "ws")
+    images = build_demo_images(tmp / "images")
+    image = {"resolution": 64, "batch_size": 8, "enable_bucket": False}
+    return {
+        "sd15": (_unet_proxy(demo.sd15, "sd15", tmp / "sd15", cross_attention_dim=32), images, image),
+        "sdxl": (_unet_proxy(demo.sdxl, "sdxl", tmp / "sdxl", attention_head_dim=[2, 4, 8], cross_attention_dim=64,
+                             addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+                 images, image),
+        "flux": (_flux_proxy(demo.flux, tmp / "flux"), images, image),
+        "llama": (demo.llama, demo.chat, {"task": "llm", "batch_size": 8, "max_length": 128}),
+    }
+
+
+def count(model: Path, data: Path, overrides: dict, out: Path, profiled: tuple[int, int] = PROFILED,
+          timed: int = TIMED) -> dict[str, float]:
+    """aten ops, copies and matmuls per update over the `profiled` updates, and s/update over the `timed` after."""
+    first, last = profiled
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    marks: dict[int, float] = {}
+
+    def on_progress(event) -> None:
+        if event.kind != "progress":
+            return
+        step = event.step
+        marks[step] = time.perf_counter()
+        if step == first - 1:
+            profiler.start()
+        elif step == last:
+            profiler.stop()
+
+    cfg = config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
+                            "mixed_precision": "bf16", "device": "cpu", "save_steps": 0, "lora_rank": 8,
+                            "max_train_steps": last + timed, **overrides})
+    train(cfg, EventSink([on_progress]))
+    names = [e.name for e in profiler.events() if e.name.startswith("aten::")]
+    updates = last - first + 1
+    seconds = [marks[s + 1] - marks[s] for s in range(last + 1, last + timed)]
+    return {"ops": len(names) / updates, "copies": names.count("aten::copy_") / updates,
+            "mm": names.count("aten::mm") / updates, "s_per_update": statistics.median(seconds)}
+
+
+def main(only: list[str]) -> str:
+    tmp = Path(tempfile.mkdtemp())
+    lines = [f"Trainer, bf16 autocast, LoRA rank 8 (default targets), on cpu, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; per update, profiled over updates {PROFILED[0]}-{PROFILED[1]}, "
+             f"s/update the median of the {TIMED - 1} after.", "",
+             "| model | aten ops | aten::copy_ | aten::mm | s/update |", "|---|---|---|---|---|"]
+    for name, (model, data, overrides) in models(tmp).items():
+        if only and name not in only:
+            continue
+        r = count(model, data, overrides, tmp / f"run-{name}")
+        lines.append(f"| {name} | {r['ops']:,.0f} | {r['copies']:,.0f} | {r['mm']:,.0f} | "
+                     f"{r['s_per_update'] * 1000:.0f} ms |")
+        print(lines[-1], flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    chosen = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else []
+    report = main(chosen)
+    print(report)
+    if "--write" in sys.argv:
+        update_results("ops_per_update", report)
