@@ -3,8 +3,8 @@
 Checked against peaks measured on an H200 (tests/fixtures/gpu_measured.json, tests/test_plan_truth.py). The
 trace counts what autograd saves in a 16-bit model; on the card the step also holds
 - autocast's casts: fp32 copies around norms, softmax and losses, 16-bit copies for each matmul reading them
-  (traced again under autocast's rules: studio/plan/autocast_trace.py), and the 16-bit copies of the fp32 LoRA
-  weights autocast keeps for the whole step;
+  (traced again under autocast's rules: studio/plan/autocast_trace.py), and the 16-bit LoRA weights the matmuls
+  read (studio/master_weights.py's compute copy and its gradients);
 - the LM loss: the logits' fp32 gradient and log-softmax gradient at the start of backward (or one chunk of them
   where studio.llm_loss runs the loss in chunks);
 - 4-bit LLMs: bitsandbytes dequantizes each 4-bit layer to 16-bit for its matmul (the engine keeps the norms
@@ -53,9 +53,19 @@ def _autocast_rows(cfg: RunConfig, shape: Shape, length: int, found: Built, trac
     return [PlanRow("autocast copies of activations", max(0, extra) * cfg.batch_size / GB,
                     "fp32 norms and losses, 16-bit copies for matmuls",
                     "(saved bytes traced under autocast's cast rules − traced without) × micro-batch"),
-            PlanRow("autocast copies of LoRA weights", found.lora_params * size / GB,
-                    "kept by autocast for the whole step",
-                    f"LoRA parameters × {size} B")]
+            _lora_copy_row(cfg, found, size)]
+
+
+def _lora_copy_row(cfg: RunConfig, found: Built, size: int) -> PlanRow:
+    """The matmuls read 16-bit LoRA weights: studio/master_weights.py's compute copy of the fp32 masters and the
+    16-bit gradients autograd gives it (alive until gathered into the fp32 buffer after backward); under fsdp the
+    parameters stay fp32 and autocast caches a 16-bit copy of each for the whole step (trainable_weights' rule)."""
+    lora = found.lora_params
+    if cfg.distributed == "fsdp":
+        return PlanRow("autocast copies of LoRA weights", lora * size / GB, "kept by autocast for the whole step",
+                       f"LoRA parameters × {size} B")
+    return PlanRow("16-bit LoRA weights + gradients", lora * 2 * size / GB, "the compute copy of the fp32 masters",
+                   f"LoRA parameters × 2 × {size} B")
 
 
 def _lm_loss_row(cfg: RunConfig, length: int, found: Built, trace: Trace) -> PlanRow:
