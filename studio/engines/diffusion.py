@@ -197,7 +197,8 @@ class DiffusionEngine(Engine):
     def _log_attention(self) -> None:
         """Which attention the denoiser runs: diffusers' plain AttnProcessor materialises the attention matrix; the
         others call PyTorch's fused SDPA kernels."""
-        names = sorted({type(p).__name__ for p in self.denoiser.attn_processors.values()})
+        # from the attention modules themselves: not every denoiser lists them (Z-Image has no attn_processors)
+        names = sorted({type(m.processor).__name__ for m in self.denoiser.modules() if hasattr(m, "processor")})
         slow = "AttnProcessor" in names
         self.events.emit("log", message=f"Attention: {', '.join(names)}"
                          + (" — not SDPA: slower and more memory per step." if slow else " (PyTorch SDPA)."))

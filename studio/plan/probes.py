@@ -95,6 +95,7 @@ def _build_image(shape: Shape) -> Built:
             embeds = _meta(1, tokens, width, dtype=shape.dtype)
         pred = denoiser(**recipe.meta_inputs(denoiser, resolution // scale, embeds, shape.dtype),
                         return_dict=False)[0]
+        pred = torch.stack(pred) if isinstance(pred, list) else pred  # Z-Image: one output per image
         return F.mse_loss(pred.float(), torch.empty_like(pred, dtype=torch.float32))
 
     def checkpointing(model, func):

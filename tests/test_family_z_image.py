@@ -1,0 +1,151 @@
+"""Z-Image on a tiny random ZImagePipeline (real classes and names, layers shrunk, a 2-layer Qwen3 encoder):
+recognised from a folder, a hub id and its single files; planned at full size from the shipped configs; trained,
+exported, reloaded into diffusers; sampled at Turbo's and the base model's defaults."""
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from studio.config import config_from_dict
+from studio.errors import StudioError
+from studio.events import EventSink
+from studio.families import detect_family, get_family
+from studio.loop import train
+from studio.models import CONFIG_ROOT
+from tests.test_image_training import solid_colours
+
+Z_IMAGE = get_family("z_image")  # the registry first: it keeps the families in FAMILY_MODULES order
+
+from studio.demo.z_image import build_tiny_z_image, write_z_image_checkpoint, z_image_file_layout  # noqa: E402
+from studio.families.z_image import to_diffusers  # noqa: E402
+from studio.models.pipelines import load_pipeline  # noqa: E402
+
+COMFY = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Named like the base model (not Turbo): samples take its guided defaults."""
+    return build_tiny_z_image(tmp_path_factory.mktemp("z") / "tiny-z-image")
+
+
+def render(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red picture", num_inference_steps=2, height=64, width=64, guidance_scale=0.0,
+                max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_recognised_from_folder_and_hub_ids(tiny):
+    assert detect_family("image-generation", str(tiny)) is Z_IMAGE
+    for hub_id in ("Tongyi-MAI/Z-Image-Turbo", "someone/zimage-finetune"):
+        assert detect_family("image-generation", hub_id) is Z_IMAGE
+
+
+@pytest.mark.parametrize("prefix", ["", COMFY])
+def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
+    """ComfyUI's layout (fused qkv, x_embedder, final_layer), bare or as ComfyUI saves a checkpoint."""
+    path = write_z_image_checkpoint(tiny, tmp_path / "z_image_turbo_bf16.safetensors", prefix)
+    assert detect_family("image-generation", str(path)) is Z_IMAGE
+    pipe, family = load_pipeline(str(path), components=str(tiny))
+    ours, ref = pipe.transformer.state_dict(), ZImagePipeline.from_pretrained(tiny).transformer.state_dict()
+    assert family is Z_IMAGE and isinstance(pipe, ZImagePipeline) and set(ours) == set(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_image_conditioned_variants_are_refused(tiny, tmp_path):
+    path = write_z_image_checkpoint(tiny, tmp_path / "omni.safetensors")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, "siglip_embedder.0.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(StudioError, match="Z-Image Omni / ControlNet"):
+        load_pipeline(str(path), components=str(tiny))
+
+
+def test_file_layout_round_trips_at_full_width():
+    config = {**ZImageTransformer2DModel.load_config(CONFIG_ROOT / "z-image-turbo" / "transformer"), "n_layers": 1,
+              "n_refiner_layers": 1}
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel.from_config(config)
+    wanted = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in to_diffusers(z_image_file_layout(model.state_dict())).items()} == wanted
+
+
+def test_shipped_configs_are_z_image_turbo():
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder = CONFIG_ROOT / "z-image-turbo"
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel.from_config(ZImageTransformer2DModel.load_config(folder / "transformer"))
+        qwen3 = Qwen3Model(Qwen3Config.from_pretrained(folder / "text_encoder"))
+    assert sum(p.numel() for p in model.parameters()) == 6_154_908_736  # the published "6 B"
+    assert sum(p.numel() for p in qwen3.parameters()) == 4_022_468_096  # Qwen3-4B without its (tied) LM head
+
+
+def test_sampling_defaults_tell_turbo_from_base(tiny):
+    pipe = ZImagePipeline.from_pretrained(tiny)
+    recipe = Z_IMAGE.load_recipe()
+    assert (recipe.sampling(pipe)["num_inference_steps"], recipe.sampling(pipe)["guidance_scale"]) == (28, 4.0)
+    pipe.register_to_config(_name_or_path="Tongyi-MAI/Z-Image-Turbo")
+    assert (recipe.sampling(pipe)["num_inference_steps"], recipe.sampling(pipe)["guidance_scale"]) == (9, 0.0)
+
+
+@pytest.mark.slow  # traces the 6 B transformer at 1024 px on the meta device
+def test_planned_at_full_size_on_the_usual_cards():
+    from studio.plan.reference import fit_reference
+
+    for card in (24, 12, 8):
+        fitted = fit_reference("Z-Image", card)
+        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
+        assert fitted.cfg.resolution == 1024 and fitted.cfg.effective_alpha == fitted.cfg.lora_rank
+
+
+def config(model, data, out, **extra):
+    return config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
+                             "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 2,
+                             "batch_size": 2, "sample_every_steps": 0, "sample_prompts": [], **extra})
+
+
+def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):
+    cfg = config(tiny, solid_colours(tmp_path / "colours"), tmp_path / "run", sample_every_steps=2,
+                 sample_inference_steps=2, sample_prompts=["a red picture"])
+    result = train(cfg)
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
+    assert list(Path(cfg.output_dir).rglob("step-*.png"))  # the guided sample from pre-encoded prompt lists
+    with safe_open(str(result.files[0]), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("Z-Image/lora", "z_image")
+    # 3 blocks (main, context and noise refiner) × attention q/k/v/out + feed-forward w1/w2/w3
+    assert meta["studio_selftest"].startswith("all 42 keys load")
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in tensors)
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)
+
+    pipe = ZImagePipeline.from_pretrained(tiny)
+    base = render(pipe)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(result.files[0]), adapter_name="z")
+    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()]
+    pipe.set_adapters(["z"], [0.0])
+    assert torch.equal(torch.as_tensor(render(pipe)), torch.as_tensor(base))
+    pipe.set_adapters(["z"], [1.0])
+    assert (torch.as_tensor(render(pipe)) - torch.as_tensor(base)).abs().max() > 1e-3
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path):
+    data = solid_colours(tmp_path / "colours")
+    common = {"max_train_steps": 4, "save_steps": 2, "caption_dropout": 0.25}
+    full = train(config(tiny, data, tmp_path / "full", **common))
+    stop = threading.Event()
+    first = train(config(tiny, data, tmp_path / "part", **common),
+                  EventSink([lambda e: e.kind == "progress" and e.step == 2 and stop.set()]), stop)
+    assert first.stopped and first.step == 2
+    resumed = train(config(tiny, data, tmp_path / "part", resume_from="latest", **common))
+    a, b = load_file(str(full.files[0])), load_file(str(resumed.files[0]))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
