@@ -239,3 +239,34 @@ def test_time_estimate_adds_the_copying_to_a_run_without_swap(tmp_path):
         {"kind": "plan", "data": {"signature": signature, "effective_batch": 2}},
         {"kind": "progress", "data": {"it_per_s": 0.5}}]) + "\n", encoding="utf-8")
     assert estimate_text(swapping, tmp_path, signature, swap_bytes).endswith("(at the speed of run earlier).")
+
+
+@pytest.mark.parametrize("preset,model,count", [("demo-flux", "flux", 2), ("demo-image", "sd15", 10)],
+                         ids=["flux1", "sd15"])
+def test_training_runs_the_same_with_block_swap(demo, tmp_path, preset, model, count):
+    """The engine's path (studio/residency.py attaches the swap after LoRA): same losses and adapter file."""
+    from safetensors.torch import load_file
+
+    from studio.config import config_from_dict
+    from studio.events import EventSink
+    from studio.loop import train as train_run
+    from tests.test_image_training import solid_colours
+
+    data = solid_colours(tmp_path / "colours")
+
+    def run(name, blocks_to_swap):
+        events = []
+        cfg = config_from_dict({"preset": preset, "base_model": str(getattr(demo, model)), "train_data_dir": str(data),
+                                "output_dir": str(tmp_path / name), "sample_every_steps": 0, "sample_prompts": [],
+                                "max_train_steps": 3, "batch_size": 2, "save_steps": 0,
+                                "gradient_checkpointing": True, "blocks_to_swap": blocks_to_swap})
+        result = train_run(cfg, EventSink([events.append]))
+        losses = [e.data["loss"] for e in events if e.kind == "progress"]
+        streamed = any("streamed from CPU memory" in (e.message or "") for e in events)
+        return losses, load_file(str(result.files[0])), streamed
+
+    (losses, adapter, streamed), (swap_losses, swap_adapter, swap_streamed) = run("plain", 0), run("swap", count)
+    assert swap_streamed and not streamed and len(losses) == 3
+    assert max(abs(a - b) for a, b in zip(losses, swap_losses)) <= 1e-6
+    assert adapter.keys() == swap_adapter.keys()
+    assert max((adapter[k] - swap_adapter[k]).abs().max().item() for k in adapter) <= 1e-6
