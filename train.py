@@ -64,6 +64,7 @@ def run_job(config: str, args, stop: threading.Event) -> JobResult:
     from studio.config import overrides_from_pairs, read_yaml
     from studio.demo.for_cli import with_demo_paths
     from studio.plan.fit import fit_config
+    from studio.plan.longest import longest_text
     from studio.workspace import DEFAULT_ROOT
 
     data = {**read_yaml(config), **overrides_from_pairs(args.set)}
@@ -77,6 +78,9 @@ def run_job(config: str, args, stop: threading.Event) -> JobResult:
     fitted = fit_config(data)
     if args.plan:
         print(fitted.report())
+        longest = longest_text(fitted.cfg, fitted.family, fitted.plan.card_gb)  # LLMs on a card
+        if longest:
+            print(longest)
         if args.verbose:
             print("How the rows are computed:\n" + "\n".join(f"  {row.name}: {row.formula}"
                                                            for row in fitted.plan.rows if row.formula))

@@ -28,6 +28,7 @@ MAX_LENGTH = "max_length"
 QUANTIZE = "quantize"
 OPTIMIZER = "optimizer"
 BLOCK_SWAP = "block_swap"
+OFFLOAD = "offload"
 SWAP_STEPS = 8  # a rung swaps 1/8 of the denoiser's blocks more: few rungs, none far past what the card needs
 
 RESOLUTION_NOTCH = 64
@@ -97,6 +98,13 @@ def swap_more_blocks(cfg: RunConfig) -> Backoff | None:
     return Backoff(BLOCK_SWAP, {"blocks_to_swap": (cfg.blocks_to_swap, more)})
 
 
+def offload_layer_inputs(cfg: RunConfig) -> Backoff | None:
+    """LLMs with checkpointing: each layer's kept input in CPU memory (studio.activation_offload). Planning only."""
+    if cfg.is_image or not cfg.gradient_checkpointing or cfg.offload_activations:
+        return None
+    return Backoff(OFFLOAD, {"offload_activations": (False, True)})
+
+
 def quantize_weights(cfg: RunConfig) -> Backoff | None:
     """The next smaller base-weight format the family offers: fp8 storage (Flux.1), then 4-bit NF4 (Flux.1; LLMs:
     QLoRA).
@@ -124,7 +132,7 @@ RUNTIME_LADDER: tuple[Rung, ...] = (lower_micro_batch, turn_on_checkpointing, sw
 # ~30 % more compute; weight and optimizer formats can still be chosen; block swap (slower steps, same result)
 # before resolution / max_length, which come last.
 PLAN_LADDER: tuple[Rung, ...] = (turn_on_checkpointing, lower_micro_batch, quantize_weights, eight_bit_optimizer,
-                                 swap_more_blocks, lower_length)
+                                 swap_more_blocks, offload_layer_inputs, lower_length)
 
 
 def next_backoff(cfg: RunConfig, ladder: tuple[Rung, ...] = RUNTIME_LADDER,

@@ -97,7 +97,8 @@ def fit_config(data: dict, hardware: Hardware | None = None, *, check_paths: boo
 
 QUALITY_KEYS = ("resolution", "max_length")  # lowered only when that makes the run fit
 MEMORY_KEYS = ("mixed_precision", "batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
-               "load_in_4bit", "fp8_base", "optimizer", "blocks_to_swap", "resolution", "max_length")
+               "load_in_4bit", "fp8_base", "optimizer", "blocks_to_swap", "offload_activations", "resolution",
+               "max_length")
 BASE_KEYS = ("batch_size", "gradient_checkpointing")  # always explained, changed or not
 
 
