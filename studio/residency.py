@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from studio.block_swap import IN_FLIGHT
+from studio.block_swap import IN_FLIGHT, check_count
 
 PHASES = ("load", "encode", "cache", "train", "sample", "validate", "save")
 GB = 2**30
@@ -118,7 +118,8 @@ class Residency:
         self.ledger = Ledger()
         self.phase: str | None = None
         self.blocks = list(swap_blocks or [])
-        count = min(decisions.blocks_to_swap, len(self.blocks))
+        count = decisions.blocks_to_swap
+        check_count(count, len(self.blocks))  # too many: one clear message at load (and in the plan)
         self.swapped = self.blocks[len(self.blocks) - count:] if count else []
         self._skip = frozenset(id(m) for m in self.swapped)
         self._swap = None

@@ -207,11 +207,18 @@ def test_sizes_for_the_plan():
     assert transfer_seconds(blocks, 3, 10.0) == pytest.approx(2 * sum(sizes[-3:]) / 10e9)
 
 
-def test_too_many_blocks_is_a_clear_error():
+def test_too_many_blocks_is_a_clear_error(demo, tmp_path):
+    from studio.config import config_from_dict
+    from studio.loop import train as train_run
+
     model, _, recipe = sd15_model()
     blocks = recipe.swap_blocks(model)
     with pytest.raises(StudioError, match=f"between 0 and {len(blocks)}"):
         BlockSwap(blocks, len(blocks) + 1, CPU)
+    cfg = config_from_dict({"preset": "demo-image", "base_model": str(demo.sd15), "train_data_dir": str(demo.images),
+                            "output_dir": str(tmp_path / "run"), "max_train_steps": 1, "blocks_to_swap": 99})
+    with pytest.raises(StudioError, match=f"blocks_to_swap is 99, but this denoiser has {len(blocks)} blocks"):
+        train_run(cfg)
 
 
 def test_time_estimate_adds_the_copying_to_a_run_without_swap(tmp_path):
