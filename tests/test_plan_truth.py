@@ -8,7 +8,6 @@ reason: only a new measurement may replace them. The image rows stay: the 16-bit
 peft no longer casts each LoRA input to fp32 and back) and the LoRA bytes by 2 per parameter (a plan row); the VAE
 that staged residency now keeps off the card in training is counted back as the measured run held it."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,17 +25,6 @@ from studio.plan.report import CONTEXT_ROW
 FIXTURE = Path(__file__).parent / "fixtures" / "gpu_measured.json"
 ROWS = json.loads(FIXTURE.read_text(encoding="utf-8"))["rows"]
 HEADROOM = 1.15
-
-
-def _changed_path(row: dict) -> str | None:
-    """Why this row's measurement no longer describes what the code runs (None: it still does)."""
-    if row["outcome"].startswith("out of memory while loading"):
-        return (f"{row['outcome']}: a load-phase failure (since planned per phase by issue 23's staged residency; "
-                "the LLM's fp32 table copy is gone with issue 25), not a training peak")
-    if "loss" in row["ran_with"] and importlib.util.find_spec("studio.llm_loss") is not None:
-        return ("measured with transformers' full-logits loss; the LLM engine now runs studio.llm_loss's chunked "
-                "loss (issue 25): needs a new measurement")
-    return None
 
 
 def _resident_then(row: dict, fitted) -> float:
@@ -58,9 +46,8 @@ OUT_OF_MEMORY = [row for row in ROWS if row["outcome"].startswith("out of memory
 @pytest.mark.slow  # plans full-size SD1.5 and SDXL (about 20 s each, cold)
 @pytest.mark.parametrize("row", TRAINED, ids=[row["id"] for row in TRAINED])
 def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row):
-    reason = _changed_path(row)
-    if reason:
-        pytest.skip(reason)
+    if row.get("changed_by"):
+        pytest.skip(row["changed_by"])
     fitted = _fit(row)
     train = sum(row.gb for row in fitted.plan.rows if row.name != CONTEXT_ROW)  # the rows are the train phase's
     planned = train + _resident_then(row, fitted)
@@ -73,9 +60,8 @@ def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row):
 @pytest.mark.slow
 @pytest.mark.parametrize("row", OUT_OF_MEMORY, ids=[row["id"] for row in OUT_OF_MEMORY])
 def test_a_config_that_ran_out_of_memory_in_training_is_not_planned_to_fit(row):
-    reason = _changed_path(row)
-    if reason:
-        pytest.skip(reason)
+    if row.get("changed_by"):
+        pytest.skip(row["changed_by"])
     plan = _fit(row).plan
     assert not plan.fits, plan.table()
 

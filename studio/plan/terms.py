@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from studio.config import RunConfig
+from studio.llm_loss import chunk_bytes, why_not_chunked
 from studio.plan.autocast_trace import trace_autocast
 from studio.plan.probes import Built, Shape
 from studio.plan.report import GB, PlanRow
@@ -38,7 +39,7 @@ def train_terms(cfg: RunConfig, shape: Shape, length: int, found: Built, trace: 
     if autocast:
         rows += _autocast_rows(cfg, shape, length, found, trace, size)
     if not cfg.is_image:
-        rows.append(_lm_loss_row(cfg, length, found, trace))
+        rows.append(_lm_loss_row(cfg, length, found, trace, size))
     if cfg.load_in_4bit:
         rows.append(_dequantized_row(found, size))
     rows.append(PlanRow("cuBLAS workspace", CUBLAS_WORKSPACE / GB, "torch allocates it on the first matmul",
@@ -68,15 +69,16 @@ def _lora_copy_row(cfg: RunConfig, found: Built, size: int) -> PlanRow:
                    f"LoRA parameters × 2 × {size} B")
 
 
-def _lm_loss_row(cfg: RunConfig, length: int, found: Built, trace: Trace) -> PlanRow:
+def _lm_loss_row(cfg: RunConfig, length: int, found: Built, trace: Trace, size: int) -> PlanRow:
     """At the start of backward the loss holds its gradients beside every saved activation; the plan's working
     set (one unit's recompute and its gradients) is at another moment, so only the excess over it is added."""
     vocab = found.model.config.vocab_size
     tokens = cfg.batch_size * length
-    chunk = _loss_chunk_bytes(found.model, vocab)
+    chunk = _loss_chunk_bytes(found.model, vocab, size)
     loss = chunk if chunk is not None else 2 * tokens * vocab * FP32
     planned = (trace.backward_peak() + (max(trace.unit_saved, default=0) if cfg.gradient_checkpointing else 0))
-    formula = ("one chunk of studio.llm_loss (logits, fp32 copy, log-softmax and gradients)" if chunk is not None
+    formula = (f"one chunk of studio.llm_loss: {chunk:,} B (logits, fp32 copy, log-softmax, gradients)" if chunk
+               is not None
                else f"2 × {tokens:,} tokens × {vocab:,} vocabulary × 4 B (fp32 log-softmax gradient and logits "
                     "gradient)")
     return PlanRow("LM loss gradients", max(0, loss - planned * cfg.batch_size) / GB,
@@ -84,14 +86,11 @@ def _lm_loss_row(cfg: RunConfig, length: int, found: Built, trace: Trace) -> Pla
                    f"{formula} − backward working set (and one unit's recompute with checkpointing)")
 
 
-def _loss_chunk_bytes(model: torch.nn.Module, vocab: int) -> int | None:
-    """What the engine's loss holds at its peak when it runs in chunks (studio.llm_loss), else None."""
-    try:
-        from studio.llm_loss import chunk_bytes, why_not_chunked
-    except ImportError:
-        return None
+def _loss_chunk_bytes(model: torch.nn.Module, vocab: int, size: int) -> int | None:
+    """What the engine's loss holds at its peak when it runs in chunks (studio.llm_loss), else None (the model's
+    own loss over the full logits)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return None if why_not_chunked(base) else chunk_bytes(vocab, 2)
+    return None if why_not_chunked(base) else chunk_bytes(vocab, size)
 
 
 def _dequantized_row(found: Built, size: int) -> PlanRow:
