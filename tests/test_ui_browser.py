@@ -415,3 +415,24 @@ def test_fill_and_load_replace_on_the_second_press_and_start_never_trains_a_refu
     page.locator("#config-file-status").get_by_text("Loaded configs/first_cfg.yaml").wait_for()
     assert "preset: demo-image" in page.locator("#config-yaml").inner_text()
     page.set_viewport_size({"width": VIEWPORTS[0][0], "height": VIEWPORTS[0][1]})
+
+
+def test_the_loss_line_draws_on_a_freshly_loaded_page(page, url, demo):
+    """The last job's loss is a coloured line, not axes alone, on a page loaded after it ran."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    _, text, _, _ = client.predict("demo-image", "demo/datasets/demo-shapes", str(demo.sd15), "browser-loss",
+                                   api_name="/fill_config")
+    short = text.rstrip() + "\nmax_train_steps: 3\nsave_steps: 0\nsample_every_steps: 0\n"
+    assert client.predict(short, api_name="/start_training").startswith("✔")
+    for width, height in VIEWPORTS:
+        page.set_viewport_size({"width": width, "height": height})
+        page.reload()
+        page.get_by_text("Go left to right").wait_for()
+        open_tab(page, "Train")
+        page.locator("#train-status").get_by_text("Finished browser-loss").wait_for(timeout=90_000)
+        page.wait_for_function("""() => [...document.querySelectorAll(
+            '#loss-plot path[aria-roledescription="line mark"]')].some((line) =>
+            line.getAttribute('stroke') && (line.getAttribute('d') || '').split('L').length >= 3)""")
+    page.set_viewport_size({"width": VIEWPORTS[0][0], "height": VIEWPORTS[0][1]})

@@ -36,7 +36,8 @@ FOLLOW_LOG_JS = """() => setTimeout(() => {
 STATUS_TEXT = {"idle": "No training yet", "queued": "Queued", "running": "Training",
                "stopping": "Stopping at the next step", "done": "Finished", "stopped": "Stopped", "failed": "Failed",
                "interrupted": "Interrupted"}
-VIEW_OUTPUTS = 10
+VIEW_OUTPUTS = 11
+SERIES_COLOURS = {"train": "#f97316", "validation": "#2563eb"}
 
 
 @dataclass
@@ -61,13 +62,14 @@ def train_tab(studio: Studio, config_yaml: gr.Code, guard: ReplaceGuard) -> Trai
         progress = gr.HTML(_progress_html(JobState()), elem_id="train-progress")
         with gr.Row():
             losses = gr.LinePlot(_loss_frame(JobState()), x="step", y="loss", color="series", title="Loss",
-                                 height=280, scale=3, elem_id="loss-plot")
+                                 color_map={}, height=280, scale=3, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=3, height=280, scale=2, elem_id="train-samples")
         replies = gr.Markdown(elem_id="train-replies")
         log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="train-log")
         commands = gr.Markdown(elem_id="train-commands")
         runs = runs_table(studio, "train", config_yaml)
         seen = gr.State(None)  # what this page shows already; an unchanged job is not redrawn
+        series = gr.State([])  # the loss plot's series (train, validation)
         timer = gr.Timer(POLL_SECONDS)
 
         def training_status(run: str = "") -> dict:
@@ -77,7 +79,7 @@ def train_tab(studio: Studio, config_yaml: gr.Code, guard: ReplaceGuard) -> Trai
 
         gr.api(training_status, api_name="training_status")
 
-    view = [status, progress, losses, samples, replies, log, commands, start, runs.table, seen]
+    view = [status, progress, losses, samples, replies, log, commands, start, runs.table, seen, series]
     # The last start's message (often an error) is cleared first: it must not sit under the new start's progress.
     # Starting or queueing shows the current job again (an opened run is no longer pinned).
     for button, handler, api_name in ((start, start_training, "start_training"),
@@ -89,7 +91,8 @@ def train_tab(studio: Studio, config_yaml: gr.Code, guard: ReplaceGuard) -> Trai
     sample_now.click(partial(request_now, studio, "sample"), None, action, api_name="sample_now")
     save_now.click(partial(request_now, studio, "save"), None, action, api_name="save_now")
     timer.tick(partial(poll, studio), [runs.opened, seen], view, show_progress="hidden",
-               api_visibility="private").then(None, js=FOLLOW_LOG_JS)
+               api_visibility="private").then(None, js=FOLLOW_LOG_JS).then(
+        loss_colours, series, losses, show_progress="hidden", api_visibility="private")
     return TrainTab(status)
 
 
@@ -133,10 +136,11 @@ def poll(studio: Studio, opened: str, seen):
     if key == seen:
         return [gr.skip()] * VIEW_OUTPUTS
     images = _sample_images(state)
-    return (_status_markdown(state), _progress_html(state), _loss_frame(state),
+    frame = _loss_frame(state)
+    return (_status_markdown(state), _progress_html(state), frame,
             gr.update(value=images, visible=bool(images) or not state.samples),
             _sample_replies(state), "\n".join(state.log), _commands(state),
-            gr.update(interactive=not studio.jobs.busy), table, key)
+            gr.update(interactive=not studio.jobs.busy), table, key, sorted(frame["series"].unique()))
 
 
 # --- views -----------------------------------------------------------------------------------------------------------
@@ -181,6 +185,13 @@ def _loss_frame(state: JobState) -> pd.DataFrame:
     steps, losses, series = zip(*points) if points else ((), (), ())
     return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "loss": pd.Series(losses, dtype="float64"),
                          "series": pd.Series(series, dtype="object")})
+
+
+def loss_colours(series: list[str] | None) -> dict:
+    """A colour for each series the plot holds, set after its data. Gradio's plot takes its colour scale from the
+    data only when it rebuilds its chart, which new data alone does not do (a plot first drawn empty — a freshly
+    loaded page — then draws its lines without a colour); a changed colour map does, with the data it holds then."""
+    return gr.update(color_map={name: SERIES_COLOURS[name] for name in series or []})
 
 
 def _sample_images(state: JobState) -> list:
