@@ -5,11 +5,13 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 from studio.config import config_from_dict
 from studio.data.text import Example, collate, pack
 from studio.engines.packed_attention import DENSE_UP_TO, GROUPED, VARLEN, choose
+from studio.llm_loss import causal_lm_loss
 from studio.events import EventSink
 from studio.loop import train
 
@@ -73,3 +75,43 @@ def test_packing_run_uses_it(demo, tmp_path):
                           lambda e: e.kind == "progress" and losses.append(e.data["loss"])]))
     assert f"Attention for packed rows: {GROUPED}." in logs
     assert len(losses) == 2 and all(loss == loss for loss in losses)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor created inside it, and whether one had two dimensions of `length`."""
+
+    def __init__(self, length):
+        super().__init__()
+        self.length, self.most, self.square = length, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+                self.square |= list(t.shape).count(self.length) >= 2
+        return out
+
+
+def train_step_on_one_packed_row(demo, attention, length, longest_sample):
+    """Forward and backward of the engine's loss (studio.llm_loss) on one packed row of `length` tokens."""
+    rng = random.Random(0)
+    lengths = []
+    while sum(lengths) < length - longest_sample:
+        lengths.append(rng.randint(longest_sample // 4, longest_sample))
+    batch = packed_batch(length, lengths + [length - sum(lengths)])
+    model = AutoModelForCausalLM.from_pretrained(demo.llama, attn_implementation=attention)
+    with LargestTensor(batch["input_ids"].shape[1]) as watch:
+        causal_lm_loss(model, batch).backward()
+    return batch["input_ids"].shape[1], model.config, watch
+
+
+@pytest.mark.slow  # ~17 s on two CPU threads
+def test_a_32k_packed_row_costs_memory_linear_in_its_length(demo):
+    """No row × row mask or score matrix: the largest tensor is bounded by length × (vocabulary or heads × longest
+    sample), not length²."""
+    length, config, watch = train_step_on_one_packed_row(demo, GROUPED, 32768, longest_sample=512)
+    assert length == 32768 and not watch.square
+    assert watch.most <= length * max(config.vocab_size, config.num_attention_heads * 512)
+    _, _, dense = train_step_on_one_packed_row(demo, "sdpa", 2048, longest_sample=512)
+    assert dense.square  # transformers' own sdpa path builds the row × row block mask
