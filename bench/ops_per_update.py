@@ -35,6 +35,7 @@ from studio.demo import ensure_demo  # noqa: E402
 from studio.demo.datasets import build_demo_images  # noqa: E402
 from studio.events import EventSink  # noqa: E402
 from studio.loop import train  # noqa: E402
+from studio.tasks import TEXT_TASK  # noqa: E402
 
 PROFILED = (6, 12)  # updates, inclusive
 TIMED = 8  # updates after the profiled ones
@@ -79,7 +80,7 @@ def models(tmp: Path) -> dict[str, tuple[Path, Path, dict]]:
                              addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
                  images, image),
         "flux": (_flux_proxy(demo.flux, tmp / "flux"), images, image),
-        "llama": (demo.llama, demo.chat, {"task": "llm", "batch_size": 8, "max_length": 128}),
+        "llama": (demo.llama, demo.chat, {"task_type": TEXT_TASK, "batch_size": 8, "max_length": 128}),
     }
 
 

@@ -31,6 +31,7 @@ from studio.models.causal_lm import load_causal_lm, load_tokenizer, pad_token_id
 from studio.errors import StudioError
 from studio.export.peft_merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, save_adapter
 from studio.families import get_family
+from studio.fused_kernels import apply_fused_kernels
 from studio.hardware import storage_dtype, to_device
 from studio.activation_offload import use_offloaded_checkpointing
 from studio.llm_loss import causal_lm_loss, why_not_chunked
@@ -117,6 +118,9 @@ class LLMEngine(Engine):
         self.own_loss_because = why_not_chunked(model.get_base_model())
         if self.own_loss_because:
             self.events.emit("log", message=f"Loss over the full logits: {self.own_loss_because}.")
+        fused = apply_fused_kernels(model.get_base_model(), self.device)  # CUDA: liger's RMSNorm, SwiGLU, RoPE
+        if fused:
+            self.events.emit("log", message=fused)
         if cfg.torch_compile:
             # The decoder (the loss runs it, and the LM head in chunks), in place: the adapter's keys stay as they are.
             model.get_base_model().get_decoder().compile()
