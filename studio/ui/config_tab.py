@@ -316,6 +316,8 @@ def plan_markdown(studio: Studio, fitted) -> str:
         lines.append(f"`{'█' * filled}{'░' * (BAR_CELLS - filled)}` {plan.peak_gb:.1f} / {plan.card_gb:g} GB")
     lines += ["", "| component | memory | detail |", "|---|---|---|"]
     lines += [f"| {row.name} | {gb_text(row.gb)} | {row.note} |" for row in plan.rows]
+    lines += [f"| phase: {row.name}{' (peak)' if row.name == plan.peak_phase else ''} | {gb_text(row.gb)} | "
+              f"{row.note} |" for row in plan.phases]  # image runs: what each phase holds on the card
     lines += ["", f"_Model sizes: {plan.source}._", "", estimate_text(fitted.cfg, studio.workspace.runs, signature)]
     return "\n".join(lines)
 
