@@ -232,9 +232,10 @@ def bucket_step(cfg: RunConfig, family: Family) -> int:
     reads the VAE's scale factor (as diffusers' pipelines compute it) and the denoiser's config."""
     from studio.plan.models import image_source  # the model's configs, or the family's shipped ones
     folder = image_source(cfg.base_model, family).folder
+    from studio.models import vae_scale_factor
     recipe = family.load_recipe()
     vae = _read_config(folder / "vae" / "config.json")
-    pipe = SimpleNamespace(vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1))
+    pipe = SimpleNamespace(vae_scale_factor=vae_scale_factor(vae))
     denoiser = folder / recipe.denoiser / "config.json"
     if denoiser.is_file():
         setattr(pipe, recipe.denoiser, SimpleNamespace(config=SimpleNamespace(**_read_config(denoiser))))

@@ -347,9 +347,12 @@ class DiffusionEngine(Engine):
         pixels = torch.stack([load_pixels(self.items[i].path, bucket, flip, background=self.cfg.image_background,
                                           max_pixels=self.cfg.max_image_pixels)[0]
                               for i, flip in zip(items, flips)])
-        vae = self.pipe.vae
+        vae, pixels = self.pipe.vae, pixels.to(self.device, torch.float32)
+        own = getattr(self.recipe, "encode_latents", None)  # a family whose VAE is not an SD-style AutoencoderKL
+        if own is not None:
+            return own(vae, pixels)
         # The distribution's mean, not a sample: deterministic, and identical with or without the cache.
-        latents = vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mean
+        latents = vae.encode(pixels).latent_dist.mean
         return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

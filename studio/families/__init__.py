@@ -73,7 +73,7 @@ class Family:
 
 _REGISTRY: dict[str, Family] = {}
 # The family modules, imported once on first use (each calls `register`). A new family is one module and one line.
-FAMILY_MODULES = ("sd15", "sdxl", "flux1", "chroma", "z_image", "llm")
+FAMILY_MODULES = ("sd15", "sdxl", "flux1", "chroma", "z_image", "qwen_image", "llm")
 
 
 def register(family: Family) -> Family:

@@ -72,7 +72,8 @@ def phase_rows(residency: Residency, inputs: PhaseInputs, resolution: int) -> li
     """One row per phase: its planned allocated GB and what is on the card."""
     ledger, decisions = residency.ledger, residency.decisions
     vae = residency.components["vae"]
-    vae_work = VAE_LIVE_MAPS * vae.config.block_out_channels[0] * resolution ** 2 * 4 / GB
+    width = vae.config.get("block_out_channels", [vae.config.get("base_dim")])[0]  # Qwen-Image's VAE: base_dim
+    vae_work = VAE_LIVE_MAPS * width * resolution ** 2 * 4 / GB
     trained = inputs.lora_and_optimizer
     extra = {
         "load": (0.0, "nothing on the card yet"),

@@ -66,6 +66,8 @@ def _build_image(shape: Shape) -> Built:
     from peft import LoraConfig
 
     family = get_family(shape.family)
+    from studio.models import vae_scale_factor
+
     recipe = family.load_recipe()
     source = image_source(shape.base_model, family)
     parts = build_image_components(source)
@@ -84,7 +86,7 @@ def _build_image(shape: Shape) -> Built:
     for module in trained:
         module.to(shape.dtype).train()
 
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = vae_scale_factor(vae.config)
     tokens, width = recipe.text_shape(denoiser)
 
     def run(resolution: int) -> torch.Tensor:

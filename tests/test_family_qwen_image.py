@@ -1,0 +1,135 @@
+"""Qwen-Image on a tiny random QwenImagePipeline (real classes and names, blocks shrunk, a 2-layer Qwen2.5-VL and a
+toy-width Wan-style VAE): recognised from a folder, a hub id and its single files; planned at full size from the
+shipped configs; trained, exported, reloaded into diffusers."""
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from studio.config import config_from_dict
+from studio.errors import StudioError
+from studio.events import EventSink
+from studio.families import detect_family, get_family
+from studio.loop import train
+from studio.models import CONFIG_ROOT
+from tests.test_image_training import solid_colours
+
+QWEN_IMAGE = get_family("qwen_image")  # the registry first: it keeps the families in FAMILY_MODULES order
+
+from studio.demo.qwen_image import build_tiny_qwen_image, write_qwen_image_checkpoint  # noqa: E402
+from studio.models.pipelines import load_pipeline  # noqa: E402
+
+COMFY = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("qwen") / "tiny-qwen-image")
+
+
+def render(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red picture", negative_prompt=" ", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_recognised_from_folder_and_hub_id(tiny):
+    assert detect_family("image-generation", str(tiny)) is QWEN_IMAGE
+    assert detect_family("image-generation", "Qwen/Qwen-Image") is QWEN_IMAGE
+
+
+@pytest.mark.parametrize("prefix", ["", COMFY])
+def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
+    path = write_qwen_image_checkpoint(tiny, tmp_path / "qwen_image_bf16.safetensors", prefix)
+    assert detect_family("image-generation", str(path)) is QWEN_IMAGE
+    pipe, family = load_pipeline(str(path), components=str(tiny))
+    ours, ref = pipe.transformer.state_dict(), QwenImagePipeline.from_pretrained(tiny).transformer.state_dict()
+    assert family is QWEN_IMAGE and isinstance(pipe, QwenImagePipeline) and set(ours) == set(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_edit_model_is_refused_by_name(tiny, tmp_path):
+    path = write_qwen_image_checkpoint(tiny, tmp_path / "qwen_image_edit_2509_bf16.safetensors")
+    with pytest.raises(StudioError, match="Qwen-Image-Edit"):
+        load_pipeline(str(path), components=str(tiny))
+
+
+def test_shipped_configs_are_qwen_image():
+    import json
+
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen2_5_VLForConditionalGeneration as VL
+
+    folder = CONFIG_ROOT / "qwen-image"
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(folder / "transformer"))
+        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(folder / "vae"))
+        text = VL(VL.config_class.from_dict(json.loads((folder / "text_encoder" / "config.json").read_text())))
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    # the published 20 B transformer, its VAE, Qwen2.5-VL-7B (with its vision tower)
+    assert (count(model), count(vae), count(text)) == (20_430_401_088, 126_892_531, 8_292_166_656)
+
+
+@pytest.mark.slow  # traces the 20 B transformer at 1024 px on the meta device
+def test_planned_at_full_size_on_the_usual_cards():
+    """musubi-tuner: 1024 px needs 24 GB with 16 of 60 blocks swapped, 12 GB with 45; the fit gets there too."""
+    from studio.plan.reference import fit_reference
+
+    for card in (24, 16, 12):
+        fitted = fit_reference("Qwen-Image", card)
+        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
+        assert fitted.cfg.resolution == 1024
+
+
+def config(model, data, out, **extra):
+    return config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
+                             "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 2,
+                             "batch_size": 2, "sample_every_steps": 0, "sample_prompts": [], **extra})
+
+
+def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):
+    cfg = config(tiny, solid_colours(tmp_path / "colours"), tmp_path / "run", sample_every_steps=2,
+                 sample_inference_steps=2, sample_prompts=["a red picture"])
+    result = train(cfg)
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
+    assert list(Path(cfg.output_dir).rglob("step-*.png"))  # true CFG from the pre-encoded prompt and negative
+    with safe_open(str(result.files[0]), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("Qwen-Image/lora", "qwen_image")
+    assert meta["studio_selftest"].startswith("all 48 keys load")  # 2 blocks × 12 attention / MLP Linears
+    assert all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in tensors)
+    assert not any("_mod." in k for k in tensors)  # the modulation stays untouched, as in musubi-tuner
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)
+
+    pipe = QwenImagePipeline.from_pretrained(tiny)
+    base = render(pipe)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(result.files[0]), adapter_name="q")
+    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()]
+    pipe.set_adapters(["q"], [0.0])
+    assert torch.equal(torch.as_tensor(render(pipe)), torch.as_tensor(base))
+    pipe.set_adapters(["q"], [1.0])
+    assert (torch.as_tensor(render(pipe)) - torch.as_tensor(base)).abs().max() > 1e-4
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path):
+    data = solid_colours(tmp_path / "colours")
+    common = {"max_train_steps": 4, "save_steps": 2, "caption_dropout": 0.25}
+    full = train(config(tiny, data, tmp_path / "full", **common))
+    stop = threading.Event()
+    first = train(config(tiny, data, tmp_path / "part", **common),
+                  EventSink([lambda e: e.kind == "progress" and e.step == 2 and stop.set()]), stop)
+    assert first.stopped and first.step == 2
+    resumed = train(config(tiny, data, tmp_path / "part", resume_from="latest", **common))
+    a, b = load_file(str(full.files[0])), load_file(str(resumed.files[0]))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
