@@ -7,6 +7,7 @@ STUDIO_UPDATE_README_SHOTS=1 it also rewrites the README's screenshots in docs/s
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -348,16 +349,27 @@ def assert_beside(page, message, button):
     assert 0 <= below < 150 and 0 <= box["y"] and box["y"] + box["height"] <= height, (message, below, box)
 
 
-def test_presets_pick_their_model_and_data_and_lists_are_fresh(page, demo):
+def test_presets_pick_their_model_and_data_and_lists_are_fresh(page, demo, request):
     """A dataset made after the page loaded is offered on the tab switch; the Flux demo preset picks the tiny Flux
     (not the SD demo) and fills; an LLM preset leaves the image dataset for a chat one."""
     late = demo.root.parent / "datasets" / "late-chats"
     late.mkdir(parents=True, exist_ok=True)
+    request.addfinalizer(lambda: shutil.rmtree(late, ignore_errors=True))  # the other modules share the workspace
     (late / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
                                       '{"role": "assistant", "content": "hello"}]}\n')
-    open_tab(page, "Dataset")
+    configs = demo.root.parent / "configs"
+    configs.mkdir(exist_ok=True)
+    (configs / "late_cfg.yaml").write_text("preset: demo-image\n")
+    request.addfinalizer(lambda: (configs / "late_cfg.yaml").unlink(missing_ok=True))
     open_tab(page, "Config")
-    pick(page, "config-dataset", "late-chats")  # offered without a reload or a Refresh
+    open_tab(page, "Dataset")  # each list as the workspace holds it now, without a reload or a Refresh
+    pick(page, "dataset-picker", "late-chats")
+    pick(page, "dataset-picker", "demo-shapes (demo)")
+    page.locator("#dataset-health").get_by_text("Health check (before training)").click()
+    pick(page, "health-config", "late_cfg")
+    page.locator("#dataset-health").get_by_text("Health check (before training)").click()
+    open_tab(page, "Config")
+    pick(page, "config-dataset", "late-chats")
     pick(page, "config-dataset", "demo-shapes (demo)")
     pick(page, "preset-picker", "Demo: tiny random Flux.1")
     page.wait_for_function("() => document.querySelector('#config-base-model input').value.startsWith('tiny-flux')")
@@ -369,9 +381,10 @@ def test_presets_pick_their_model_and_data_and_lists_are_fresh(page, demo):
     assert page.locator("#config-base-model input").input_value().startswith("tiny-llama")
 
 
-def test_fill_and_load_replace_on_the_second_press_and_start_never_trains_a_refused_yaml(page):
+def test_fill_and_load_replace_on_the_second_press_and_start_never_trains_a_refused_yaml(page, demo, request):
     """The studio's own YAML (filled, restored after a reload) is replaced at once; the user's edits on the second
     press, the refusal shown beside the button; Start refuses while a replacement was refused."""
+    request.addfinalizer(lambda: (demo.root.parent / "configs" / "first_cfg.yaml").unlink(missing_ok=True))
     open_tab(page, "Config")
     pick(page, "preset-picker", "Demo: tiny SD, shapes")
     page.locator("#fill-config").click()

@@ -18,7 +18,7 @@ GALLERY_IMAGES = 100
 
 
 def health_section(studio: Studio, dataset: gr.Dropdown) -> None:
-    with gr.Accordion("Health check (before training)", open=False, elem_id="dataset-health"):
+    with gr.Accordion("Health check (before training)", open=False, elem_id="dataset-health") as section:
         gr.Markdown("Beyond what training refuses: near-duplicate, blurry and low-resolution images, caption "
                     "coverage, tag frequencies, the buckets and how much they crop, and the steps and time for a "
                     "saved config. Only the problems training refuses block it; the rest are warnings.")
@@ -32,8 +32,9 @@ def health_section(studio: Studio, dataset: gr.Dropdown) -> None:
                                 visible=False, elem_id="health-duplicates")
         flagged = gr.Gallery(label="Blurry or low-resolution", columns=4, height=300, object_fit="contain",
                              visible=False, elem_id="health-flagged")
-    refresh.click(lambda current: choices_update(_config_choices(studio), keep=current), config, config,
-                  api_visibility="private")
+    for event in (refresh.click, section.expand):  # opened: the configs saved since the page loaded are offered
+        event(lambda current: choices_update(_config_choices(studio), keep=current), config, config,
+              api_visibility="private")
     check.click(partial(check_health, studio), [dataset, config], [report, duplicates, flagged],
                 api_name="check_dataset")
 

@@ -38,11 +38,12 @@ class DatasetTab:
         """Show the preselected dataset when the page opens, not an empty tab under a picked dataset."""
         app.load(partial(show_dataset, studio), self.dataset, self.view, api_visibility="private")
         app.load(partial(image_controls, studio), self.dataset, self.image_only, api_visibility="private")
+        app.load(partial(refresh_datasets, studio), self.dataset, self.dataset, api_visibility="private")
 
 
 def dataset_tab(studio: Studio) -> DatasetTab:
     choices = _label_model_choices(studio)
-    with gr.Tab("Dataset", id="dataset"):
+    with gr.Tab("Dataset", id="dataset") as tab:
         gr.Markdown("A dataset is a folder of images with captions (`metadata.csv` or a `.txt` beside each image), "
                     "or `.txt`/`.jsonl`/`.json` files for an LLM. The demo datasets are ready to use.")
         with gr.Row(equal_height=True):
@@ -103,6 +104,7 @@ def dataset_tab(studio: Studio) -> DatasetTab:
     dataset.change(partial(show_dataset, studio), dataset, view, api_name="show_dataset")
     dataset.change(partial(image_controls, studio), dataset, image_only, api_visibility="private")
     refresh.click(partial(refresh_datasets, studio), dataset, dataset, api_name="list_datasets")
+    tab.select(partial(refresh_datasets, studio), dataset, dataset, api_visibility="private")  # made elsewhere since
     create.click(partial(create_dataset, studio), new_name, [status, dataset], api_name="create_dataset")
     edit_outputs = [status, dataset, *view]
     # Unprocessed, so the handler sees each file's own name (gradio's copy drops some characters from it).
