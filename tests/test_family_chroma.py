@@ -118,7 +118,7 @@ def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, trai
     assert list(Path(cfg.output_dir).rglob("step-*.png"))  # sampled from the pre-encoded prompt (prompt_inputs)
     with safe_open(str(result.files[0]), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    assert meta["modelspec.architecture"] == "chroma/lora"
+    assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("chroma/lora", "chroma")
     assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
     assert meta["studio_selftest"].startswith("all 36 keys load")  # 18 modules: the blocks' Linears + proj_out
     assert all(k.startswith("transformer.") and ".lora_" in k for k in tensors)

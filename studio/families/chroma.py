@@ -143,9 +143,10 @@ register(Family(
     recipe="studio.families.chroma:ChromaRecipe", pipeline_classes=("ChromaPipeline",), recognise=recognise,
     single_file_loader="studio.families.chroma:load_single_file", name_hints=("chroma",), config_dir="chroma",
     native_resolution=1024, trains_text_encoder=False, quantized_base=("fp8", "nf4"),
-    # what kohya sd-scripts writes for a Chroma LoRA: its Flux trainer (model_type chroma) and network module, and
-    # sai_model_spec's ARCH_FLUX_1_CHROMA / IMPL_CHROMA
-    webui_version="flux1", network_module="networks.lora_flux", modelspec_architecture="chroma",
+    # kohya sd-scripts' network module for Chroma (its Flux trainer, model_type chroma) and sai_model_spec's
+    # ARCH_FLUX_1_CHROMA / IMPL_CHROMA; ss_base_model_version "chroma", not Flux.1's "flux1": the preview tells a
+    # Flux.1 LoRA from a Chroma one by it (they share key names)
+    webui_version="chroma", network_module="networks.lora_flux", modelspec_architecture="chroma",
     modelspec_implementation="https://huggingface.co/lodestones/Chroma", lora_loaders=("ComfyUI", "diffusers"),
     lora_markers=("transformer.", "lora_unet_double_blocks_", "lora_unet_single_blocks_", "diffusion_model."),
     preset_values={"learning_rate": 1e-4, "lora_rank": 16, "lora_alpha": None, "shuffle_tags": False},
