@@ -24,6 +24,21 @@ from studio.families.chroma import to_diffusers  # noqa: E402
 from studio.models.pipelines import load_pipeline  # noqa: E402
 
 COMFY = "model.diffusion_model."
+# The diffusers-side names ComfyUI's Flux key map (comfy/utils.py flux_to_diffusers, which comfy/lora.py uses for its
+# Chroma model class, a Flux subclass) resolves onto its fused layers, for the layers a LoRA adapts.
+COMFY_FLUX_NAMES = {
+    *(f"transformer_blocks.0.{name}" for name in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+        "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+        "ff_context.net.2")),
+    *(f"single_transformer_blocks.0.{name}" for name in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp",
+                                                         "proj_out")),
+    "proj_out"}
+
+
+def comfy_name(key: str) -> str:
+    """`transformer.<module>.lora_A.weight` → the module name ComfyUI looks up (after its `transformer.` prefix)."""
+    return key.removeprefix("transformer.").split(".lora_")[0]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +137,7 @@ def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, trai
     assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
     assert meta["studio_selftest"].startswith("all 36 keys load")  # 18 modules: the blocks' Linears + proj_out
     assert all(k.startswith("transformer.") and ".lora_" in k for k in tensors)
+    assert {comfy_name(k) for k in tensors} <= COMFY_FLUX_NAMES  # no "lora key not loaded" in ComfyUI
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)  # B starts at zero: it trained
 
     pipe = ChromaPipeline.from_pretrained(tiny)

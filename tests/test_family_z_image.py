@@ -27,6 +27,15 @@ from studio.families.z_image import to_diffusers  # noqa: E402
 from studio.models.pipelines import load_pipeline  # noqa: E402
 
 COMFY = "model.diffusion_model."
+# The diffusers-side names ComfyUI's Lumina2 / Z-Image key map (comfy/utils.py z_image_to_diffusers, used by
+# comfy/lora.py under a `transformer.` prefix) resolves, for the Linears of each block of the tiny model.
+COMFY_Z_IMAGE_NAMES = {f"{block}.0.{layer}" for block in ("layers", "context_refiner", "noise_refiner")
+                       for layer in ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")}
+
+
+def comfy_name(key: str) -> str:
+    return key.removeprefix("transformer.").split(".lora_")[0]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +132,7 @@ def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_
     # 3 blocks (main, context and noise refiner) × attention q/k/v/out + feed-forward w1/w2/w3
     assert meta["studio_selftest"].startswith("all 42 keys load")
     assert all(k.startswith("transformer.") and ".lora_" in k for k in tensors)
+    assert {comfy_name(k) for k in tensors} <= COMFY_Z_IMAGE_NAMES  # no "lora key not loaded" in ComfyUI
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)
 
     pipe = ZImagePipeline.from_pretrained(tiny)
