@@ -49,8 +49,8 @@ class Decisions:
         encoders = () if self.text_cached else self.encoders  # training text through them: needed every step
         if phase == "load":
             return ()
-        if phase == "encode":
-            return () if self.encode_on_cpu else self.encoders
+        if phase == "encode":  # only runs when the text is cached; the CPU encodes what the card cannot hold
+            return self.encoders if self.text_cached and not self.encode_on_cpu else ()
         if phase == "cache":
             return ("vae",)
         if phase == "sample":

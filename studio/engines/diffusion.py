@@ -7,8 +7,9 @@ its buckets, the latent and text caches, LoRA attachment, checkpoints' adapter s
 Batches hold latents and text embeddings ready for the denoiser: the VAE and frozen text encoders run once per
 image / caption when caching is on (the default), so an epoch after the first is all denoiser work. With
 cache_latents_to_disk they also run once across runs: the next run on the same data reads
-studio.data.feature_cache's files. Families with large text encoders (Flux.1's T5) move them off the device once
-every caption is cached.
+studio.data.feature_cache's files. Which component is on the device when — text encoders only while captions and
+sample prompts are encoded, the VAE while latents are cached and samples decoded, the denoiser (in its fp8 / NF4
+storage, some blocks streamed with blocks_to_swap) from training on — is studio.residency's to decide and do.
 """
 
 from __future__ import annotations

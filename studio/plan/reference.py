@@ -35,7 +35,7 @@ def fit_reference(name: str, card_gb: float, **keys) -> Fitted:
 
 def vram_table() -> str:
     lines = ["| model | card | micro-batch × accumulation | resolution / max_length | grad. checkpointing | "
-             "weights | optimizer | planned peak |", "|---|---|---|---|---|---|---|---|"]
+             "weights | blocks swapped | optimizer | planned peak (phase) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in REFERENCES:
         for card in CARDS_GB:
             fitted = fit_reference(name, card)
@@ -43,9 +43,12 @@ def vram_table() -> str:
             length = c.resolution if c.is_image else c.max_length
             weights = ("4-bit NF4" if c.load_in_4bit else f"fp8 + {c.mixed_precision}" if c.fp8_base
                        else c.mixed_precision)
-            peak = f"{plan.peak_gb:.1f} GB" + ("" if plan.fits else f" ({plan.verdict})")
+            peak = f"{plan.peak_gb:.1f} GB" + (f" ({plan.peak_phase})" if plan.peak_phase else "") + (
+                "" if plan.fits else f", {plan.verdict}")
+            swapped = f"{c.blocks_to_swap}" if c.is_image else "–"
             lines.append(f"| {name} | {card} GB | {c.batch_size} × {c.gradient_accumulation_steps} | {length} | "
-                         f"{'on' if c.gradient_checkpointing else 'off'} | {weights} | {c.optimizer} | {peak} |")
+                         f"{'on' if c.gradient_checkpointing else 'off'} | {weights} | {swapped} | {c.optimizer} | "
+                         f"{peak} |")
     return "\n".join(lines)
 
 
