@@ -24,7 +24,6 @@ from typing import Iterator
 import torch
 from diffusers.training_utils import cast_training_params
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
 from torch.utils._pytree import tree_map
 
 from studio.adapters import Scaling, adapter_config, network_header
@@ -34,6 +33,7 @@ from studio.data.images import (DatasetItem, augment_caption, bucket_batches, in
                                 make_buckets, pick_bucket)
 from studio.data.held_out import split_held_out
 from studio.engines.base import Engine, Sample
+from studio.engines.init_lora import read_init_lora
 from studio.errors import StudioError
 from studio.export.lora_file import save_lora_file
 from studio.export.metadata import ImageFacts
@@ -96,7 +96,10 @@ class DiffusionEngine(Engine):
         self._attach_lora()
         self.residency.stream_blocks()
         if cfg.init_lora:
-            self._load_init_lora(Path(cfg.init_lora))
+            loaded = read_init_lora(Path(cfg.init_lora), self.adapter_state(), self.recipe.to_file, cfg)
+            self.load_adapter_state(loaded)
+            self.events.emit("log", message=f"Initialised LoRA from {Path(cfg.init_lora).name} ({len(loaded)} "
+                                            "tensors).")
         self._log_attention()
         self._channels_last = self._convolutions_in_channels_last()
         if cfg.torch_compile:
@@ -241,43 +244,6 @@ class DiffusionEngine(Engine):
         if self.cfg.train_text_encoder:
             modules.update(self.text_encoders)
         return modules
-
-    def _load_init_lora(self, path: Path) -> None:
-        """Start from an existing kohya-format LoRA: map its keys onto ours by converting our keys the same way."""
-        if path.suffix != ".safetensors":
-            raise StudioError(f"init_lora {path} must be a .safetensors LoRA file.")
-        theirs = load_file(str(path))
-        ours = self.adapter_state()
-        kohya_of = self._file_names(ours)
-        extra = sorted({k.split(".")[0] for k in theirs} - {k.split(".")[0] for k in kohya_of.values()})
-        if extra:
-            raise StudioError(f"init_lora {path.name} has LoRA weights for {len(extra)} module(s) this run does not "
-                              f"train (e.g. {extra[0]}). Use the target_modules / train_text_encoder it was "
-                              "trained with.")
-        loaded, missing = {}, []
-        for peft_key, kohya_key in kohya_of.items():
-            if kohya_key not in theirs:
-                missing.append(kohya_key)
-                continue
-            weight = theirs[kohya_key]
-            if weight.shape != ours[peft_key].shape:
-                rank = weight.shape[0] if ".lora_down." in kohya_key or ".lora_A." in kohya_key else weight.shape[1]
-                raise StudioError(f"init_lora {path.name}: {kohya_key} has shape {tuple(weight.shape)}, this run "
-                                  f"expects {tuple(ours[peft_key].shape)}. Set lora_rank to the file's rank "
-                                  f"({rank}).")
-            # Fold the file's alpha/rank into lora_up so the product matches under this run's alpha/rank (a file
-            # without alpha keys, e.g. Flux's diffusers layout, has its scale folded in already: alpha = rank).
-            if ".lora_up." in kohya_key or ".lora_B." in kohya_key:
-                base = kohya_key.split(".lora_")[0]
-                rank = weight.shape[1]
-                their_scale = float(theirs.get(f"{base}.alpha", torch.tensor(rank))) / rank
-                weight = weight * (their_scale / (self.cfg.effective_alpha / self.cfg.lora_rank))
-            loaded[peft_key] = weight
-        if missing:
-            raise StudioError(f"init_lora {path.name} lacks {len(missing)} of this run's LoRA weights (e.g. "
-                              f"{missing[0]}). Train with the same target_modules/train_text_encoder as that LoRA.")
-        self.load_adapter_state(loaded)
-        self.events.emit("log", message=f"Initialised LoRA from {path.name} ({len(loaded)} tensors).")
 
     def _encode_all_latents(self) -> list[torch.Tensor]:
         started = time.time()
@@ -474,11 +440,3 @@ class DiffusionEngine(Engine):
         return ImageFacts(self.family, self.noise_scheduler.config.get("prediction_type"),
                           Path(self.cfg.train_data_dir).name, self._plain_captions[:self.train_count],
                           variant(self.pipe) if variant else "")
-
-    def _file_names(self, peft_state: dict[str, torch.Tensor]) -> dict[str, str]:
-        """peft key → key in the exported file, found by running the real conversion on tensors tagged with their
-        index (scale 1: the tags pass through unchanged)."""
-        keys = list(peft_state)
-        tagged = {k: torch.full((1, 1), float(i)) for i, k in enumerate(keys)}
-        converted = self.recipe.to_file(tagged, Scaling(rank=1, alpha=1.0))
-        return {keys[int(v.item())]: k for k, v in converted.items() if not k.endswith(".alpha")}
