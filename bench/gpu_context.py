@@ -12,7 +12,10 @@ from gpu_cases import CONTEXT_CARD_GB, CONTEXT_RANK, MODEL_NAMES, describe_cfg
 from gpu_device import Cuda
 from gpu_log import error_text, say
 from gpu_session import OUT_OF_TIME, Session
+from studio.plan.longest import longest_max_length
 from studio.plan.reference import fit_reference
+
+LONG_CONTEXT = 32768  # the max_length the studio side is fitted for
 
 
 def search_longest(fits: Callable[[int], bool], start: int, limit: int, granularity: int = 256,
@@ -47,6 +50,15 @@ def search_longest(fits: Callable[[int], bool], start: int, limit: int, granular
         else:
             bad = middle
     return ok, bad
+
+
+def within_share(tries: list, card_gb: float) -> int | None:
+    """The longest length that trained with its measured peak (allocated + CUDA context) within the share of the
+    card a plan may use (report.FITS): the planner's kind of "fits", so the two compare in one table."""
+    from studio.plan.memory import CUDA_CONTEXT_GB
+    from studio.plan.report import FITS
+    return max((length for length, ok, _, peak, _ in tries
+                if ok and peak is not None and peak + CUDA_CONTEXT_GB <= FITS * card_gb), default=None)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -194,15 +206,17 @@ def run_context(session: Session, model_dir: Path, data_dir: Path) -> dict:
         row["status"] = OUT_OF_TIME
         return row
     try:
+        # The fit's settings for a long max_length (it turns offload_activations on where the card needs it).
         fitted = fit_reference(MODEL_NAMES["llm"], CONTEXT_CARD_GB, load_in_4bit=True, lora_rank=CONTEXT_RANK,
-                               gradient_checkpointing=True, batch_size=1, gradient_accumulation_steps=1)
+                               gradient_checkpointing=True, batch_size=1, gradient_accumulation_steps=1,
+                               max_length=LONG_CONTEXT, optimizer="adamw")  # the plain loop's optimizer
         cfg = dataclasses.replace(fitted.cfg, base_model=str(model_dir), train_data_dir=str(data_dir),
                                   output_dir=str(session.work / "runs" / "context"),
                                   max_length=setup.max_length or fitted.cfg.max_length)
         row["config"], row["start"] = describe_cfg(cfg, "llm"), setup.context_start
         say(f"-> llm-ctx: {row['config']}")
         plan_at = lambda n: plan_memory(dataclasses.replace(fitted.cfg, max_length=n), "llm", CONTEXT_CARD_GB)  # noqa
-        row["planned_longest"], _ = search_longest(lambda n: plan_at(n).fits, 1024, 131072)
+        row["planned_longest"] = longest_max_length(fitted.cfg, "llm", CONTEXT_CARD_GB)  # what --plan prints
         gpu.set_card(CONTEXT_CARD_GB)
         if gpu.dry:
             from studio.engines.llm import LLMEngine
@@ -215,6 +229,8 @@ def run_context(session: Session, model_dir: Path, data_dir: Path) -> dict:
         say("   studio:")
         row["studio"] = _search_side(session, lambda: StudioLoop(cfg, gpu), start,
                                      max(30.0, session.deadline - time.monotonic()))
+        for side in ("plain", "studio"):
+            row[side]["longest_within_share"] = within_share(row[side]["tries"], CONTEXT_CARD_GB)
         longest = row["studio"].get("longest")
         best = next((t for t in row["studio"]["tries"] if t[1] and t[0] == longest), None)
         if longest and best and best[3] is not None:

@@ -114,17 +114,19 @@ def _context_lines(ctx: dict) -> list[str]:
              f"Studio side: {ctx.get('config', '?')}. One update (forward, backward, optimizer step) per length; "
              f"lengths double from {ctx.get('start', '?')} (the studio's from the plain loop's longest), then bisect "
              "to 1/8.", "",
-             "| loop | longest that trained | shortest that ran out of memory | s/update there | tokens/s there | "
-             "peak allocated there | lengths tried |", "|---|---|---|---|---|---|---|"]
+             "| loop | longest that trained | longest within 92 % of the card (as the plan counts) | shortest that "
+             "ran out of memory | s/update there | tokens/s there | peak allocated there | lengths tried |",
+             "|---|---|---|---|---|---|---|---|"]
     for side, name in (("plain", "plain transformers+peft (NF4, checkpointing, model loss)"),
                        ("studio", "studio (engine.load / collate / loss, build_optimizer)")):
         data = ctx.get(side) or {}
         if data.get("error"):
-            lines.append(f"| {name} | error: {data['error']} | | | | | {len(data.get('tries', []))} |")
+            lines.append(f"| {name} | error: {data['error']} | | | | | | {len(data.get('tries', []))} |")
             continue
         best = next((t for t in data.get("tries", []) if t[1] and t[0] == data.get("longest")), None)
         seconds = best[2] if best else None
-        lines.append(f"| {name} | {cell(data.get('longest'), ',')} | {cell(data.get('first_failed'), ',')} | "
+        lines.append(f"| {name} | {cell(data.get('longest'), ',')} | {cell(data.get('longest_within_share'), ',')} | "
+                     f"{cell(data.get('first_failed'), ',')} | "
                      f"{cell(seconds, '.2f')} | {cell(seconds and data['longest'] / seconds, ',.0f')} | "
                      f"{cell(best[3] if best else None, '.2f', ' GB')} | {len(data.get('tries', []))} |")
     if ctx.get("planned_longest") is not None:

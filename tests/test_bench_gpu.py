@@ -64,6 +64,14 @@ def test_context_search_doubles_then_bisects():
     assert gpu_context.search_longest(lambda n: True, 1024, 131072, out_of_time=lambda: True) == (0, None)
 
 
+def test_measured_longest_within_the_plans_share_of_the_card():
+    """The measured counterpart of the planner's longest: trained, and peak + CUDA context <= 92 % of 24 GB."""
+    tries = [[8192, True, 2.0, 14.0, 1.0], [16384, True, 3.0, 21.5, 1.0], [20480, False, 1.0, 22.9, None],
+             [12288, True, 2.5, 18.0, 1.0]]
+    assert gpu_context.within_share(tries, 24) == 12288  # 16,384 trained, but at 21.5 + 0.6 GB > 22.08 GB
+    assert gpu_context.within_share([[1024, True, 1.0, None, 1.0]], 24) is None  # a dry run measures no peak
+
+
 def _fake_fit(name, card_gb, **keys):
     """A planner stand-in: batch 4 on 24/16 GB, 2 on 12, 1 on 8 (which it calls too big)."""
     cfg = RunConfig(batch_size=keys.get("batch_size", {24: 4, 16: 4, 12: 2, 8: 1}[card_gb]),
@@ -111,8 +119,8 @@ def fake_results():
         {"id": "llm-ctx", "kind": "context", "family": "llm", "model": "Llama 3.1 8B", "card_gb": 24,
          "status": "ok", "config": "1×1, 1024 tok, NF4+bf16, adamw, ckpt on, r32", "start": 1024,
          "planned_longest": 12288, "planned_alloc_at_longest_gb": 20.0, "measured_alloc_at_longest_gb": 21.0,
-         "plain": {"longest": 4096, "first_failed": 8192, "tries": [[4096, True, 2.0, 18.0, 11.9],
-                                                                   [8192, False, 1.0, 23.0, None]]},
+         "plain": {"longest": 4096, "longest_within_share": 4096, "first_failed": 8192,
+                   "tries": [[4096, True, 2.0, 18.0, 11.9], [8192, False, 1.0, 23.0, None]]},
          "studio": {"longest": 16384, "first_failed": 18432, "tries": [[16384, True, 8.0, 21.0, 11.9]]}},
     ]
 
@@ -136,7 +144,7 @@ def test_report_renders_targets_runs_and_context():
     assert any("error: OutOfMemoryError" in line for line in runs)
     assert any("| **1.26** |" in line for line in runs)  # outside ±15 %: marked
     assert "| 160.00 img/s | 41.0 % |" in runs[0]
-    assert "| 4,096 | 8,192 | 2.00 | 2,048 | 18.00 GB | 2 |" in report
+    assert "| 4,096 | 4,096 | 8,192 | 2.00 | 2,048 | 18.00 GB | 2 |" in report
     assert "The planner's longest fitting max_length for the studio side: 12,288" in report
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
+from transformers import LlamaModel  # the decoder: the LLM engine runs it, then its chunked loss
 
 from studio.backoff import (BLOCK_SWAP, CHECKPOINTING, MAX_LENGTH, MICRO_BATCH, RESOLUTION, apply_backoff, effective_batch,
                             next_backoff)
@@ -172,7 +172,7 @@ def test_image_oom_at_micro_batch_one_checkpoints_then_swaps_blocks(demo, tmp_pa
 def test_llm_oom_lowers_micro_batch_then_checkpoints_then_max_length(demo, tmp_path):
     out, events = tmp_path / "run", []
     cfg = llm_config(demo, out, batch_size=2, max_length=256, max_train_steps=3)
-    with out_of_memory_at(LlamaForCausalLM, lambda n: n in (1, 2, 3)) as seen:
+    with out_of_memory_at(LlamaModel, lambda n: n in (1, 2, 3)) as seen:
         result = train(cfg, EventSink([events.append]))
     assert result.step == 3 and torch.isfinite(torch.tensor(result.last_loss))
     assert [e.data["change"] for e in backoffs(events)] == [MICRO_BATCH, CHECKPOINTING, MAX_LENGTH]
@@ -187,7 +187,7 @@ def test_llm_oom_lowers_micro_batch_then_checkpoints_then_max_length(demo, tmp_p
 def test_nothing_left_to_lower_stops_with_a_checkpoint_and_advice(demo, tmp_path):
     out, events = tmp_path / "run", []
     cfg = llm_config(demo, out, batch_size=1, max_length=64, gradient_checkpointing=True, max_train_steps=10)
-    with out_of_memory_at(LlamaForCausalLM, lambda n: n >= 3):
+    with out_of_memory_at(LlamaModel, lambda n: n >= 3):
         with pytest.raises(StudioError, match="Out of memory at step 3 even with micro-batch 1, gradient "
                                               "checkpointing on and max_length 64.*load_in_4bit"):
             train(cfg, EventSink([events.append]))

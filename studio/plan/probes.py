@@ -35,7 +35,6 @@ class Built:
     frozen: dict[str, int]  # component → parameter count
     lora_params: int
     quantizable: int  # weights of the LLM decoder's / the image denoiser's linear layers: what 4-bit quantizes
-    embeddings: int  # LLMs: parameters of the input and output embedding tables
     text_elements: int  # images: numbers in one caption's cached text embedding (tokens × width)
     model: torch.nn.Module
     run: Callable[[int], torch.Tensor]  # forward at a resolution / max_length, returning the loss
@@ -105,7 +104,7 @@ def _build_image(shape: Shape) -> Built:
         for encoder in trained[1:]:
             _transformers_checkpointing(encoder, func)
 
-    return Built(source, frozen, lora_params, quantizable, 0, tokens * width, denoiser, run, checkpointing)
+    return Built(source, frozen, lora_params, quantizable, tokens * width, denoiser, run, checkpointing)
 
 
 # --- causal LMs ------------------------------------------------------------------------------------------------------
@@ -120,8 +119,6 @@ def _build_llm(shape: Shape) -> Built:
     model = build_llm(source)
     frozen = {"model": param_count(model)}
     tables = {m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    by_storage = {m.weight.untyped_storage()._cdata: m.weight.numel() for m in tables}  # tied tables count once
-    embeddings = sum(by_storage.values())
     quantizable = _linear_weights(model) - sum(m.weight.numel() for m in tables if isinstance(m, torch.nn.Linear))
     targets = target_modules(model, list(shape.targets) if shape.targets else None)
     model = get_peft_model(model, LoraConfig(r=shape.rank, lora_alpha=shape.rank, target_modules=targets,
@@ -135,7 +132,7 @@ def _build_llm(shape: Shape) -> Built:
         mask = torch.ones(1, 1, length, length, dtype=torch.bool, device="meta")
         return causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})  # the engine's loss
 
-    return Built(source, frozen, lora_params, quantizable, embeddings, 0, model, run, _transformers_checkpointing)
+    return Built(source, frozen, lora_params, quantizable, 0, model, run, _transformers_checkpointing)
 
 
 def _transformers_checkpointing(model: torch.nn.Module, func: Callable) -> None:
