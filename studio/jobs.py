@@ -77,35 +77,42 @@ class JobRunner:
         """A job is training (the worker may be between two queued jobs: that is not busy)."""
         return self.running and self._state.status in ("running", "stopping")
 
-    def start(self, cfg: RunConfig, fitted=None) -> None:
+    def start(self, cfg: RunConfig, fitted=None) -> RunConfig:
         """Run `cfg` now (first in the queue); `fitted` (studio.plan.fit.Fitted) carries the fit's reasons and plan.
-        Refused while a job trains."""
+        Refused while a job trains. Returns the config as queued (under a free run name: see `_enqueue`)."""
         with self._lock:
             if self.busy:
                 raise StudioError(f"A training job ({self._state.name}) is already running. Wait for it to "
                                   "finish, cancel it, or add this one to the queue.")
-            job = _Job(cfg, Path(cfg.output_dir).name, cfg.output_dir, fitted)
             if self.index:
-                self._enqueue(cfg, fitted, front=True)
-                self._fitted[job.run] = fitted
+                cfg = self._enqueue(cfg, fitted, front=True)
+                self._fitted[Path(cfg.output_dir).name] = fitted
             else:
-                self._direct.append(job)
+                self._direct.append(_Job(cfg, Path(cfg.output_dir).name, cfg.output_dir, fitted))
             self._state = JobState(status="running", name=cfg.name, output_dir=cfg.output_dir)
             self._log.clear()
             self._kick()
+            return cfg
 
-    def enqueue(self, cfg: RunConfig, fitted=None) -> None:
-        """Add `cfg` to the end of the queue (its config frozen now); it runs when the jobs before it are done."""
+    def enqueue(self, cfg: RunConfig, fitted=None) -> RunConfig:
+        """Add `cfg` to the end of the queue (its config frozen now); it runs when the jobs before it are done.
+        Returns the config as queued (under a free run name: see `_enqueue`)."""
         if not self.index:
             raise StudioError("This runner has no queue (no workspace index).")
         with self._lock:
-            self._enqueue(cfg, fitted, front=False)
+            cfg = self._enqueue(cfg, fitted, front=False)
             self._kick()
+            return cfg
 
-    def _enqueue(self, cfg: RunConfig, fitted, *, front: bool) -> None:
+    def _enqueue(self, cfg: RunConfig, fitted, *, front: bool) -> RunConfig:
+        """Queue `cfg`; a new run takes the first free name from its own on, chosen in the index's transaction
+        (another studio may have taken the name since it was offered); a resumed run keeps its name."""
         family = fitted.family if fitted else cfg.model_family  # the fit resolved 'auto'
-        self.index.enqueue(Path(cfg.output_dir).name, to_yaml(cfg), family=family, task_type=cfg.task_type,
-                           front=front)
+        out = Path(cfg.output_dir)
+        name = self.index.enqueue(out.name, lambda free: to_yaml(replace(cfg, output_dir=str(out.with_name(free)))),
+                                  family=family, task_type=cfg.task_type, front=front,
+                                  free_name=not cfg.resume_from)
+        return replace(cfg, output_dir=str(out.with_name(name))) if name != out.name else cfg
 
     def resume_queue(self) -> None:
         """Start working through jobs queued before the studio (re)started."""

@@ -3,28 +3,34 @@
 The run folders (workspace/runs/<name>: config.yaml, events.jsonl, adapters) stay the source of truth for outputs;
 the index adds what a folder cannot say — the queue's order, the frozen config of a job not started yet, which process
 runs a job — and makes the Runs table one query. Every change is one transaction (`BEGIN IMMEDIATE`: SQLite
-serialises writers across processes), so the studio and a `train.py` in a terminal share it safely. Deleted, it is
-rebuilt from the run folders on the next read.
+serialises writers across processes), so the studio and a `train.py` in a terminal share it safely; a call that
+finds another process writing waits a few seconds, then says the index is busy. Deleted, it is rebuilt from the run
+folders on the next read; unreadable (damaged, truncated, not a database), it is moved aside as
+`studio.db.corrupt-<time>` and rebuilt the same way, with one log line saying so.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
 from studio.errors import StudioError
-from studio.events import Event, read_events
+from studio.events import Event
+from studio.run_records import (COLUMNS, FINISHED, INTERRUPTED, QUEUED, RUNNING, RunRecord,  # noqa: F401 (re-exported)
+                                apply_event, record_from_folder)
+from studio.safe_names import workspace_path
 
-QUEUED, RUNNING, INTERRUPTED = "queued", "running", "interrupted"
-FINISHED = ("done", "stopped", "failed")
+log = logging.getLogger(__name__)
+
 DB_NAME = "studio.db"
 PROGRESS_WRITE_SECONDS = 2.0  # progress reaches the index at most this often: a step must not wait for a disk sync
+BUSY_SECONDS = 8.0  # how long a call waits for another process's write (those take milliseconds) before giving up
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,42 +55,13 @@ CREATE TABLE IF NOT EXISTS runs (
 )"""
 
 
-@dataclass
-class RunRecord:
-    name: str
-    status: str
-    config: str
-    queue_pos: int | None = None
-    pid: int | None = None
-    family: str = ""
-    task_type: str = ""
-    step: int = 0
-    total: int = 0
-    created: float | None = None
-    started: float | None = None
-    finished: float | None = None
-    final_loss: float | None = None
-    best_val_loss: float | None = None
-    best_val_step: int | None = None
-    adapter: str | None = None
-    adapter_bytes: int | None = None
-    message: str = ""
-
-    @property
-    def seconds(self) -> float | None:
-        if self.started is None:
-            return None
-        return (self.finished or time.time()) - self.started
-
-
-_COLUMNS = [f.name for f in fields(RunRecord)]
-
 
 class RunIndex:
     def __init__(self, workspace_root: str | Path):
         self.root = Path(workspace_root)
         self.runs_dir = self.root / "runs"
         self.path = self.root / DB_NAME
+        self._checked = False  # the file passed an integrity check in this process
 
     @classmethod
     def for_output_dir(cls, output_dir: str | Path) -> "RunIndex | None":
@@ -92,16 +69,15 @@ class RunIndex:
         out = Path(output_dir).expanduser().resolve()
         return cls(out.parent.parent) if out.parent.name == "runs" else None
 
+    def run_folder(self, name: str) -> Path:
+        """The folder of the run called `name` (a name, never a path: studio.safe_names); it need not exist."""
+        return workspace_path(self.root, "run", name)
+
     # --- connection ---------------------------------------------------------------------------------------------------
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        con.row_factory = sqlite3.Row
+        con = self._connect()
         try:
-            con.execute("PRAGMA journal_mode=WAL")  # readers never wait for the trainer's writes
-            con.execute(_SCHEMA)
-            con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
             except BaseException:
@@ -109,10 +85,63 @@ class RunIndex:
                 raise
             con.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            raise StudioError(f"The run index {self.path} cannot be used ({exc}). Close other studios using this "
-                              "workspace, or delete the file: it is rebuilt from the run folders.") from None
+            if not _unreadable(exc):
+                raise StudioError(f"The run index {self.path} cannot be used ({exc}).") from None
+            con.close()
+            self._set_aside(exc)
+            raise StudioError(f"The run index {self.path} was unreadable; it was rebuilt from the run folders. Try "
+                              "again.") from None
         finally:
             con.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection inside `BEGIN IMMEDIATE`. While another process writes it retries for BUSY_SECONDS (saying
+        so once); an unreadable file is set aside and rebuilt first."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        deadline, said = time.monotonic() + BUSY_SECONDS, False
+        while True:
+            con = sqlite3.connect(self.path, timeout=0.5, isolation_level=None)
+            con.row_factory = sqlite3.Row
+            try:
+                self._begin(con)
+                return con
+            except sqlite3.DatabaseError as exc:
+                con.close()
+                if _unreadable(exc):
+                    self._set_aside(exc)
+                elif "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StudioError(f"The run index {self.path} cannot be used ({exc}).") from None
+                elif time.monotonic() > deadline:
+                    raise StudioError(f"The run index {self.path} is busy: another studio or train.py has been "
+                                      f"writing to it for {BUSY_SECONDS:.0f} s. Try again in a moment; nothing was "
+                                      "changed.") from None
+                elif not said:
+                    log.warning("The run index %s is busy (another process is writing to it); retrying.", self.path)
+                    said = True
+
+    def _begin(self, con: sqlite3.Connection) -> None:
+        con.execute("PRAGMA journal_mode=WAL")  # readers never wait for the trainer's writes
+        con.execute(_SCHEMA)
+        if not self._checked:  # a truncated file opens fine and fails later, on the pages it lost
+            problem = con.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {problem}")
+            self._checked = True
+        con.execute("BEGIN IMMEDIATE")
+
+    def _set_aside(self, exc: sqlite3.DatabaseError) -> None:
+        """Move an unreadable index (and its WAL files) to studio.db.corrupt-<time>, and rebuild it from the run
+        folders. The queue it held is lost; the runs are not."""
+        aside = self.path.with_name(f"{DB_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            except FileNotFoundError:  # no such file, or another process moved it first
+                pass
+        self._checked = False
+        self.sync()
+        log.warning("The run index %s could not be read (%s): moved it to %s and rebuilt it from the run folders "
+                    "(jobs that were queued must be queued again).", self.path, exc, aside.name)
 
     # --- names --------------------------------------------------------------------------------------------------------
     def unique_name(self, name: str) -> str:
@@ -126,10 +155,15 @@ class RunIndex:
         return first_free_name(name, taken.__contains__)
 
     # --- the queue ----------------------------------------------------------------------------------------------------
-    def enqueue(self, name: str, config_yaml: str, *, family: str = "", task_type: str = "",
-                front: bool = False) -> None:
-        """Queue a job under `name` (a free name: see `unique_name`, or a run being resumed) with its frozen config."""
+    def enqueue(self, name: str, config_yaml: str | Callable[[str], str], *, family: str = "", task_type: str = "",
+                front: bool = False, free_name: bool = False) -> str:
+        """Queue a job with its frozen config; returns its name. `free_name`: the first name from `name` on that
+        nobody has taken (`unique_name`), chosen in the same transaction as the insert, so adds from any number of
+        studios never collide (`config_yaml` may then be a function of the name chosen); else exactly `name` (a run
+        being resumed)."""
         with self._transaction() as con:
+            name = self._unique(con, name) if free_name else name
+            config_yaml = config_yaml(name) if callable(config_yaml) else config_yaml
             row = con.execute("SELECT status FROM runs WHERE name = ?", (name,)).fetchone()
             if row and row["status"] in (QUEUED, RUNNING):
                 raise StudioError(f"'{name}' is already {row['status']}. Wait for it, or remove it from the queue.")
@@ -140,6 +174,7 @@ class RunIndex:
             con.execute("INSERT INTO runs (name, status, config, queue_pos, family, task_type, created) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, QUEUED, config_yaml, pos, family, task_type,
                                                          time.time()))
+        return name
 
     def claim_next(self, pid: int | None = None) -> RunRecord | None:
         """The first queued job, now marked running by process `pid` (atomic: two studios never take the same one)."""
@@ -182,7 +217,7 @@ class RunIndex:
                                                             task_type, time.time(), time.time()))
 
     def update(self, name: str, **values) -> None:
-        unknown = set(values) - set(_COLUMNS)
+        unknown = set(values) - set(COLUMNS)
         assert not unknown, unknown
         with self._transaction() as con:
             con.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?",
@@ -203,11 +238,19 @@ class RunIndex:
         return [RunRecord(**dict(row)) for row in rows]
 
     def delete(self, name: str) -> None:
-        """Remove a run: its folder and its record. Refuses a running one."""
-        record = self.get(name)
-        if record and record.status == RUNNING and _alive(record.pid):
-            raise StudioError(f"'{name}' is running. Cancel it first, then delete it.")
-        folder = self.runs_dir / name
+        """Remove a run: exactly its folder and its record, once it is known to be a run of this workspace — a name
+        in the index, a real folder under runs/ (not a link), not running. A queued job has no folder yet."""
+        folder = self.run_folder(name)
+        self.sync()  # a folder train.py made since the last look is a run too
+        record = self.get(folder.name)
+        if record is None:
+            raise StudioError(f"There is no run called '{folder.name}' in {self.runs_dir}. Refresh the Runs table "
+                              "and pick one from it.")
+        if record.status == RUNNING and _alive(record.pid):
+            raise StudioError(f"'{folder.name}' is running. Cancel it first, then delete it.")
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise StudioError(f"{folder} is a link or a file, not a run folder; the studio deletes only the run "
+                              "folders it made. Remove it in your file manager.")
         if folder.is_dir():
             shutil.rmtree(folder)
         with self._transaction() as con:
@@ -217,8 +260,8 @@ class RunIndex:
     def sync(self) -> None:
         """Add run folders the index lacks (read from their files), drop records of deleted folders, and mark runs
         whose training process died as interrupted."""
-        folders = {p.name: p for p in self.runs_dir.iterdir() if (p / "config.yaml").is_file()} \
-            if self.runs_dir.is_dir() else {}
+        folders = {p.name: p for p in self.runs_dir.iterdir() if not p.is_symlink() and (p / "config.yaml").is_file()} \
+            if self.runs_dir.is_dir() else {}  # a link is not a run: its files are not the workspace's
         with self._transaction() as con:
             known = {row["name"]: row for row in con.execute("SELECT name, status, pid FROM runs")}
             for name, row in known.items():
@@ -231,8 +274,8 @@ class RunIndex:
             for name, folder in folders.items():
                 if name not in known:
                     record = record_from_folder(folder)
-                    con.execute(f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                                [getattr(record, c) for c in _COLUMNS])
+                    con.execute(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                                [getattr(record, c) for c in COLUMNS])
 
     def listener(self, name: str):
         """An event listener keeping `name`'s record up to date (progress written at most every
@@ -264,56 +307,6 @@ def first_free_name(name: str, taken: Callable[[str], bool]) -> str:
     return next(f"{base}-{i}" for i in range(2, 100_000) if not taken(f"{base}-{i}"))
 
 
-def apply_event(values: dict, event: Event, best: tuple[float, int] | None) -> dict:
-    """The record fields an event changes (`best`: the best validation loss so far and its step)."""
-    if event.step or event.total:
-        values.update(step=event.step, total=event.total)
-    if event.kind == "start":
-        values.update(status=RUNNING)
-    elif event.kind == "progress":
-        values["final_loss"] = event.data.get("loss")
-    elif event.kind == "validation" and (best is None or event.data["loss"] < best[0]):
-        values.update(best_val_loss=event.data["loss"], best_val_step=event.step)
-    elif event.kind in FINISHED:
-        files = [Path(f) for f in event.data.get("files", [])]
-        adapter = files[0] if files else None
-        values.update(status=event.kind, finished=event.time, pid=None,
-                      message=event.message if event.kind == "failed" else "",
-                      adapter=str(adapter) if adapter else None, adapter_bytes=_size(adapter) if adapter else None)
-    return values
-
-
-def record_from_folder(folder: Path) -> RunRecord:
-    """A run's record rebuilt from its folder: config.yaml and events.jsonl (no final event: interrupted)."""
-    from studio.config import parse_yaml  # the config module loads the family registry: not needed for the queue
-
-    text = (folder / "config.yaml").read_text(encoding="utf-8")
-    data = parse_yaml(text, str(folder / "config.yaml"))
-    events = read_events(folder / "events.jsonl")
-    values: dict = {"status": INTERRUPTED}
-    best = None
-    for event in events:
-        apply_event(values, event, best)
-        if "best_val_loss" in values:
-            best = (values["best_val_loss"], values["best_val_step"])
-    record = RunRecord(name=folder.name, config=text, family=str(data.get("model_family") or ""),
-                       task_type=str(data.get("task_type") or ""),
-                       created=events[0].time if events else folder.stat().st_mtime,
-                       started=events[0].time if events else None, **values)
-    if record.status in (INTERRUPTED, RUNNING):
-        record.status = INTERRUPTED
-        record.message = record.message or "No process is training it. Resume it to continue from its last checkpoint."
-    return record
-
-
-def _size(path: Path) -> int | None:
-    if path.is_file():
-        return path.stat().st_size
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return None
-
-
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -324,3 +317,8 @@ def _alive(pid: int | None) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def _unreadable(exc: sqlite3.DatabaseError) -> bool:
+    """The file is damaged or not a database (rather than busy, or a mistake in a query)."""
+    return type(exc) is sqlite3.DatabaseError or "malformed" in str(exc) or "not a database" in str(exc)

@@ -17,6 +17,7 @@ from studio.data.captions import (IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, list_ima
                                   write_csv_captions, write_csv_rows)
 from studio.data.text import TEXT_SUFFIXES
 from studio.errors import StudioError
+from studio.safe_names import MAX_COMPONENT_BYTES, WINDOWS_DEVICES, check_part, inside
 
 # The one obvious fix of each validation problem (studio.data.images names it; apply_fix applies it).
 REMOVE_ROW, DELETE_FILE, CAPTION = "remove_row", "delete_file", "caption"
@@ -25,26 +26,37 @@ METADATA = "metadata.csv"
 # Characters Windows, macOS or Linux refuse in a file name (the separators included), and control characters.
 _UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 _DROPPABLE = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f`$!{}_]')  # ...and those some upload client drops instead
-_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+# An upload's stored name is cut to this: room under the file system's limit for the '.<name>.<random>.tmp' of an
+# atomic write beside it and a sidecar's '.txt'.
+STORED_NAME_BYTES = MAX_COMPONENT_BYTES - 40
 
 
 def safe_filename(name: str) -> str:
     """The upload's own file name, with only what a file system refuses changed: any folder part is dropped (both
-    separators), unsafe characters become '_', leading dots and spaces and trailing dots and spaces go, and a
-    Windows device name gets a leading '_'. Spaces, accents and brackets stay."""
+    separators), unsafe characters become '_', leading dots and spaces and trailing dots and spaces go, a Windows
+    device name gets a leading '_', and a name over the length limit is cut (its suffix kept). Spaces, accents and
+    brackets stay."""
     base = re.split(r"[/\\]", str(name))[-1]
     cleaned = _UNSAFE.sub("_", base).lstrip(". ").rstrip(". ")
-    if cleaned.split(".")[0].upper() in _WINDOWS_DEVICES:
+    if cleaned.split(".")[0].upper() in WINDOWS_DEVICES:
         cleaned = "_" + cleaned
-    return cleaned or "upload"
+    return _shortened(cleaned or "upload")
+
+
+def _shortened(name: str) -> str:
+    """`name` cut to STORED_NAME_BYTES, its suffix kept."""
+    suffix = Path(name).suffix if len(Path(name).suffix) < 16 else ""
+    stem = name[:len(name) - len(suffix)] if suffix else name
+    while len((stem + suffix).encode("utf-8")) > STORED_NAME_BYTES:
+        stem = stem[:-1]
+    return stem + suffix
 
 
 def dataset_member(folder: Path, name: str) -> Path:
-    """The file `name` directly inside the dataset folder; a path or a missing file is refused."""
+    """The file `name` directly inside the dataset folder (studio.safe_names: a path, a link leaving the folder or a
+    missing file is refused)."""
     name = str(name or "").strip()
-    if name in {"", ".", ".."} or re.search(r"[/\\\x00]", name):
-        raise StudioError(f"'{name}' is not a file name of this dataset. Pick a file from the list.")
-    path = Path(folder) / name
+    path = inside(folder, name, "file name of this dataset")
     if not path.is_file():
         raise StudioError(f"{name} is not in {Path(folder).name} (any more). Refresh the dataset and pick again.")
     return path
@@ -89,12 +101,13 @@ def rename_image(folder: Path, old: str, new: str) -> str:
     source = dataset_member(folder, old)
     if source.suffix.lower() not in IMAGE_SUFFIXES:
         raise StudioError(f"{old} is not an image of this dataset. Pick an image to rename.")
+    check_part(new.strip(), "new file name")  # a name too long is refused here, not silently cut
     target_name = safe_filename(new.strip())
     if not Path(target_name).suffix:
         target_name += source.suffix
     if Path(target_name).suffix.lower() != source.suffix.lower():
         raise StudioError(f"Renaming does not convert the image: give {old} a name ending in {source.suffix}.")
-    target = Path(folder) / target_name
+    target = inside(folder, target_name, "new file name")
     if target_name == old:
         raise StudioError(f"{old} already has that name.")
     if target.exists():
@@ -176,7 +189,7 @@ def add_uploads(folder: Path, uploads: list[tuple[str | Path, str]]) -> UploadRe
         if Path(name).suffix.lower() == ".txt" and Path(name).stem in image_stems:
             sidecars[image_stems[Path(name).stem]] = src
         elif name.lower() != METADATA:
-            shutil.copyfile(src, folder / stored[name])
+            shutil.copyfile(src, _write_target(folder, stored[name]))
             result.added.append(stored[name])
     for src in [src for src, name in accepted if name.lower() == METADATA][-1:]:
         try:
@@ -242,9 +255,17 @@ def _add_sidecars(folder: Path, sidecars: dict[str, Path], result: UploadResult)
         update_captions(folder, {images[stem]: _read_caption(src) for stem, src in sidecars.items()})
     else:
         for stem, src in sidecars.items():
-            shutil.copyfile(src, folder / f"{stem}.txt")
+            shutil.copyfile(src, _write_target(folder, f"{stem}.txt"))
             result.added.append(f"{stem}.txt")
     return len(sidecars)
+
+
+def _write_target(folder: Path, name: str) -> Path:
+    """Where an upload is stored: a link of that name is replaced, never written through."""
+    target = folder / name
+    if target.is_symlink():
+        target.unlink()
+    return target
 
 
 def _read_caption(path: Path) -> str:

@@ -9,6 +9,7 @@ looks (studio.data.image_io), so a phone photo with EXIF rotation is bucketed by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -187,7 +188,8 @@ def _check_image(path: Path, cfg: RunConfig, buckets: list[tuple[int, int]],
                        sharpness=laplacian_variance(grey),
                        phash=np.packbits(imagehash.phash(grey, hash_size=HASH_SIDE).hash))
     if thumbnails is not None:
-        facts.thumbnail = _write_thumbnail(img, thumbnails / f"{path.name}.jpg")
+        # named by a hash: an image's own name may be as long as the file system allows, with no room for '.jpg'
+        facts.thumbnail = _write_thumbnail(img, thumbnails / f"{hashlib.sha1(path.name.encode()).hexdigest()}.jpg")
     return facts
 
 
@@ -230,9 +232,9 @@ def _buckets(cfg: RunConfig, family: Family) -> list[tuple[int, int]]:
 def bucket_step(cfg: RunConfig, family: Family) -> int:
     """The family's bucket step for the base model, from its config files (no weights loaded): the family's recipe
     reads the VAE's scale factor (as diffusers' pipelines compute it) and the denoiser's config."""
-    from studio.plan.models import image_source  # the model's configs, or the family's shipped ones
-    folder = image_source(cfg.base_model, family).folder
     from studio.models import vae_scale_factor
+    from studio.plan.models import image_source  # the model's configs, or the family's shipped ones
+    folder = image_source(cfg.base_model, family, allow_unsafe_pickle=cfg.allow_unsafe_pickle).folder
     recipe = family.load_recipe()
     vae = _read_config(folder / "vae" / "config.json")
     pipe = SimpleNamespace(vae_scale_factor=vae_scale_factor(vae))

@@ -27,12 +27,13 @@ class ModelSource:
     note: str  # e.g. "from the model's config files", "sized as the reference SDXL (not in the local cache)"
 
 
-def image_source(base_model: str, family: Family) -> ModelSource:
+def image_source(base_model: str, family: Family, *, allow_unsafe_pickle: bool = False) -> ModelSource:
+    """`allow_unsafe_pickle`: the run's opt-in, which a pickle single file (.ckpt) needs here as in training."""
     path = Path(base_model or "").expanduser()
     if path.is_dir() and (path / "model_index.json").is_file():
         return ModelSource(path, "sizes from the model's config files")
     if path.is_file() and is_single_file(path):
-        family = detect_family(path)  # header only
+        family = detect_family(path, allow_unsafe_pickle=allow_unsafe_pickle)  # safetensors: the header only
         return ModelSource(family.config_path, f"sizes of the {family.label} architecture (from the file header)")
     cached = _hub_cached(base_model, "model_index.json")
     if cached:

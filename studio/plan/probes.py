@@ -26,6 +26,7 @@ class Shape:
     targets: tuple[str, ...] | None
     train_text_encoder: bool
     dtype: torch.dtype
+    allow_unsafe_pickle: bool = False  # the run's opt-in for a .ckpt base: its family is read by loading it
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _build_image(shape: Shape) -> Built:
     from studio.models import vae_scale_factor
 
     recipe = family.load_recipe()
-    source = image_source(shape.base_model, family)
+    source = image_source(shape.base_model, family, allow_unsafe_pickle=shape.allow_unsafe_pickle)
     parts = build_image_components(source)
     frozen = {name: param_count(module) for name, module in parts.items()}
     denoiser, vae = parts[recipe.denoiser], parts["vae"]

@@ -72,13 +72,7 @@ class Studio:
 
     def dataset_path(self, value: str) -> Path:
         """The dataset folder for a dropdown value; only workspace datasets (and the demo's) are accepted."""
-        if not value:
-            raise StudioError("Pick a dataset first (or create one).")
-        path = self.workspace.resolve(value)
-        allowed = [self.workspace.datasets] + ([self.demo.images.parent] if self.demo else [])
-        if path.parent not in allowed or not path.is_dir():
-            raise StudioError(f"{value} is not a dataset of this workspace. Pick one from the list.")
-        return path
+        return self.workspace.dataset_folder(value, self.demo.images.parent if self.demo else None)
 
     def create_dataset(self, name: str) -> str:
         path = self.workspace.dataset_dir(check_name(name, "dataset name"))

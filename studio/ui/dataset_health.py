@@ -9,6 +9,7 @@ from functools import partial
 import gradio as gr
 
 from studio.errors import StudioError
+from studio.safe_names import cache_key
 from studio.ui.common import choices_update, reports_errors
 from studio.ui.context import Studio
 
@@ -51,7 +52,7 @@ def check_health(studio: Studio, value: str, config: str | None, progress=gr.Pro
     from studio.data.health_text import report_markdown
 
     folder = studio.dataset_path(value)
-    thumbnails = studio.workspace.resolve(studio.workspace.root / ".cache" / "health" / value)
+    thumbnails = studio.workspace.root / ".cache" / "health" / cache_key(folder)  # never a path from the input
     shutil.rmtree(thumbnails, ignore_errors=True)  # no thumbnails of images deleted since the last check
 
     def report_progress(done: int, total: int) -> None:

@@ -12,6 +12,7 @@ from studio.data.captions import list_images, read_captions
 from studio.data.dataset_files import CAPTION, DELETE_FILE, REMOVE_ROW
 from studio.data.text import list_text_files, read_dataset
 from studio.errors import StudioError
+from studio.safe_names import cache_key
 from studio.ui.common import error, ok
 from studio.ui.context import Studio
 
@@ -31,7 +32,7 @@ def show_dataset(studio: Studio, value: str | None) -> tuple:
         folder = studio.dataset_path(value)
     except StudioError as exc:
         return _view([], _captions_frame({}), error(exc), [], [], [])
-    thumbnail_dir = studio.workspace.root / ".cache" / "thumbnails" / folder.relative_to(studio.workspace.root)
+    thumbnail_dir = studio.workspace.root / ".cache" / "thumbnails" / cache_key(folder)
     return _text_view(folder) if holds_text(folder) else _image_view(folder, thumbnail_dir)
 
 

@@ -92,13 +92,13 @@ def register_api(studio: Studio) -> None:
 
     def queue_remove(name: str) -> str:
         with _user_errors():
-            studio.index.remove_queued(name)
+            studio.index.remove_queued(studio.index.run_folder(name).name)
         return f"Removed '{name}' from the queue."
 
     def queue_move(name: str, offset: int) -> list[dict]:
         """Move a queued job `offset` places (negative: earlier); returns the queue."""
         with _user_errors():
-            studio.index.move(name, int(offset))
+            studio.index.move(studio.index.run_folder(name).name, int(offset))
         return queue_list()
 
     def runs_list() -> list[dict]:
@@ -106,10 +106,10 @@ def register_api(studio: Studio) -> None:
         return [{k: v for k, v in asdict(r).items() if k != "config"} for r in studio.index.list()]
 
     def delete_run(name: str) -> str:
-        """Delete a run's folder and record (refused while it runs)."""
+        """Delete a run's folder and record (refused while it runs; a name, never a path)."""
         with _user_errors():
             studio.index.delete(name)
-        return f"Deleted '{name}'."
+            return f"Deleted '{studio.index.run_folder(name).name}'."
 
     for fn in (queue_add, queue_list, queue_remove, queue_move, runs_list, delete_run):
         gr.api(fn, api_name=fn.__name__)
@@ -147,7 +147,8 @@ def _picked_row(frame: pd.DataFrame, evt: gr.SelectData) -> str:
 def _record(studio: Studio, name: str) -> RunRecord:
     if not (name or "").strip():
         raise StudioError("Pick a run first: click its row in the Runs table.")
-    record = studio.index.get(name.strip())
+    name = studio.index.run_folder(name).name  # a name, not a path (studio.safe_names)
+    record = studio.index.get(name)
     if record is None:
         raise StudioError(f"There is no run or queued job called '{name}'. Press ↻ to refresh the table.")
     return record
@@ -165,7 +166,7 @@ def duplicate_run(studio: Studio, name: str):
     record = _record(studio, name)
     free = studio.index.unique_name(record.name)
     data = {**parse_yaml(record.config, f"the config of '{record.name}'"),
-            "output_dir": str(studio.workspace.run_dir(free)), "output_name": None, "resume_from": None}
+            "output_dir": str(studio.index.run_folder(free)), "output_name": None, "resume_from": None}
     cfg = config_from_dict(data, check_paths=False)
     return (ok(f"'{record.name}' copied into the Config tab as '{free}'. Edit it, then Start or queue it."),
             to_yaml(cfg))
@@ -191,7 +192,7 @@ def continue_run(studio: Studio, name: str, more):
 def _queue_again(studio: Studio, record: RunRecord, changes: dict) -> str:
     if record.status in (QUEUED, RUNNING):
         raise StudioError(f"'{record.name}' is {record.status}; it can be resumed once it has ended.")
-    folder = studio.index.runs_dir / record.name
+    folder = studio.index.run_folder(record.name)
     if not (folder / "checkpoints").is_dir():
         raise StudioError(f"'{record.name}' has no checkpoint to continue from. Duplicate it to train it again.")
     data = {**parse_yaml(record.config, f"the config of '{record.name}'"), "resume_from": "latest", **changes}
@@ -231,8 +232,8 @@ def delete_run(studio: Studio, name: str):
 # --- shared with the API ---------------------------------------------------------------------------------------------
 
 def prepared_config(studio: Studio, text: str):
-    """(cfg, fitted, note): the YAML fitted to the card under a free run name (a config resuming its own run keeps
-    its name), and a note when the name changed."""
+    """(cfg, fitted, note): the YAML fitted to the card under a run name free now (a config resuming its own run
+    keeps its name), and a note when the name changed. Queueing makes sure the name is still free (studio.jobs)."""
     fitted = parse_config(studio, text)
     cfg, renamed = with_unique_name(studio.index, fitted.cfg)
     return cfg, replace(fitted, cfg=cfg), renamed
@@ -240,8 +241,9 @@ def prepared_config(studio: Studio, text: str):
 
 def add_to_queue(studio: Studio, text: str) -> dict:
     cfg, fitted, renamed = prepared_config(studio, text)
-    studio.jobs.enqueue(cfg, fitted)
-    name = Path(cfg.output_dir).name
+    name = Path(studio.jobs.enqueue(cfg, fitted).output_dir).name
+    if name != Path(cfg.output_dir).name:  # another studio queued that name since it was offered
+        renamed = f"The run name '{Path(cfg.output_dir).name}' was taken a moment ago, so this run is '{name}'."
     return {"name": name, "message": f"{renamed} Queued '{name}'.".strip()}
 
 
