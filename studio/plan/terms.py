@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 
 from studio.config import RunConfig
-from studio.families import get_family
 from studio.llm_loss import chunk_bytes, why_not_chunked
 from studio.plan.autocast_trace import trace_autocast
 from studio.plan.probes import Built, Shape
 from studio.plan.report import GB, PlanRow
 from studio.plan.trace import Trace
+from studio.plan.weight_trace import saved_weight_bytes
 
 CUBLAS_WORKSPACE = 8 * 4 * 2**20  # torch's default CUBLAS_WORKSPACE_CONFIG on Hopper and newer (4 MiB before)
 FP32 = 4
@@ -44,7 +44,7 @@ def train_terms(cfg: RunConfig, shape: Shape, length: int, found: Built, trace: 
     if cfg.load_in_4bit:
         rows.append(_dequantized_row(found, size))
     if cfg.fp8_base and cfg.is_image:
-        rows.append(_fp8_copies_row(cfg, shape, found, size))
+        rows.append(_fp8_copies_row(cfg, shape, length, size))
     rows.append(PlanRow("cuBLAS workspace", CUBLAS_WORKSPACE / GB, "torch allocates it on the first matmul",
                         "8 × 4 MiB (CUBLAS_WORKSPACE_CONFIG default on Hopper+; 2 × 4 MiB before)"))
     return [row for row in rows if row.gb > 0]
@@ -106,19 +106,11 @@ def _dequantized_row(found: Built, size: int) -> PlanRow:
                    f"largest 4-bit layer's {largest:,} weights × {size} B")
 
 
-def _fp8_copies_row(cfg: RunConfig, shape: Shape, found: Built, size: int) -> PlanRow:
-    """fp8 storage (diffusers' layerwise casting) casts each layer's weights to 16-bit for its forward, and the
-    matmul saves that copy for its backward: with checkpointing, the copies of the unit being recomputed and
-    back-propagated; without it, every layer's until backward reaches it."""
-    if not cfg.gradient_checkpointing:
-        return PlanRow("fp8 layers' 16-bit copies", found.quantizable * size / GB, "saved by autograd for backward",
-                       f"all {found.quantizable:,} cast weights × {size} B")
-    blocks = get_family(shape.family).load_recipe().swap_blocks(found.model)
-    largest = max((_frozen_weights(block) for block in blocks), default=0)
-    return PlanRow("fp8 layers' 16-bit copies", largest * size / GB, "one checkpointed block's, saved for its backward",
-                   f"largest block's {largest:,} cast weights × {size} B")
-
-
-def _frozen_weights(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and not m.weight.requires_grad)
+def _fp8_copies_row(cfg: RunConfig, shape: Shape, length: int, size: int) -> PlanRow:
+    """fp8 storage (diffusers' layerwise casting) casts each layer's weights to 16-bit for its forward, and a matmul
+    whose input requires grad saves that copy for backward (studio/plan/weight_trace.py): with checkpointing, the
+    copies of the unit being recomputed and back-propagated; without it, every such layer's."""
+    whole, unit = saved_weight_bytes(shape, length)
+    where = "one checkpointed unit's" if cfg.gradient_checkpointing else "the whole pass's"
+    return PlanRow("fp8 layers' 16-bit copies", (unit if cfg.gradient_checkpointing else whole) / GB,
+                   "saved by autograd for backward", f"{where} frozen weights autograd saves (traced) × {size} B")
