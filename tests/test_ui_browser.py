@@ -389,6 +389,10 @@ def test_fill_and_load_replace_on_the_second_press_and_start_never_trains_a_refu
     pick(page, "preset-picker", "Demo: tiny SD, shapes")
     page.locator("#fill-config").click()
     page.locator("#config-status").get_by_text("Filled from the demo-image preset").wait_for()
+    name_box = page.locator("#run-name textarea, #run-name input").first
+    name_box.fill("")
+    name_box.press_sequentially("my-restored-run")
+    page.wait_for_function("() => document.querySelector('#config-yaml').innerText.includes('runs/my-restored-run')")
     page.locator("#config-name input, #config-name textarea").first.fill("first_cfg")
     page.locator("#save-config").click()
     page.locator("#config-file-status").get_by_text("Saved configs/first_cfg.yaml").wait_for()
@@ -396,6 +400,9 @@ def test_fill_and_load_replace_on_the_second_press_and_start_never_trains_a_refu
     page.get_by_text("Go left to right").wait_for()
     open_tab(page, "Config")
     page.locator("#config-status").get_by_text("Restored the YAML").wait_for()
+    # the pickers show what the restored YAML holds, not the page's defaults
+    assert page.locator("#run-name textarea, #run-name input").first.input_value() == "my-restored-run"
+    assert page.locator("#preset-picker input").input_value().startswith("Demo: tiny SD")
     pick(page, "preset-picker", "Character (SD1.5/SDXL)")
     page.locator("#fill-config").click()  # a restored YAML is no edit of the user's: replaced at once
     page.locator("#config-status").get_by_text("Filled from the character preset").wait_for()

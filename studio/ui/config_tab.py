@@ -49,9 +49,11 @@ class ConfigTab:
     def on_page_load(self, app: gr.Blocks, studio: Studio) -> None:
         """Detect the hardware (imports torch: after the page is up), fill the preset's defaults, and bring back the
         YAML the editor held (the draft kept in the workspace)."""
-        app.load(partial(page_load, studio), [self.preset, self.dataset],
-                 [self.hardware, self.dataset, self.base_model, self.run_name], api_visibility="private")
-        app.load(partial(restore_draft, studio), None, [self.status, self.yaml], api_visibility="private")
+        pickers = [self.preset, self.dataset, self.base_model, self.run_name]
+        app.load(partial(page_load, studio), [self.preset, self.dataset], pickers[1:] + [self.hardware],
+                 api_visibility="private").then(partial(restore_draft, studio), None, [self.status, self.yaml,
+                                                                                       *pickers],
+                                                api_visibility="private")
         app.load(gpu_choice, None, self.gpus, api_visibility="private")
         app.load(lambda: gr.update(choices=_saved_configs(studio)), None, self.saved, api_visibility="private")
 
@@ -109,12 +111,15 @@ def config_tab(studio: Studio) -> ConfigTab:
                     files.saved)
     config.select(partial(fresh_lists, studio), [dataset, files.saved], [dataset, files.saved],
                   api_visibility="private", show_progress="hidden")
-    preset.change(partial(preset_defaults, studio), [preset, dataset], [dataset, base_model, run_name],
-                  api_visibility="private")
+    # The user's pick only: a restored draft sets the preset to what it holds, and keeps its model and run name.
+    preset.input(partial(preset_defaults, studio), [preset, dataset], [dataset, base_model, run_name],
+                 api_visibility="private")
     guard.replacing(fill, yaml_box, status).success(
         partial(fill_config, studio), [preset, dataset, base_model, run_name], [status, yaml_box, reasons, memory],
         api_name="fill_config")
-    run_name.input(partial(rename_run, studio), [run_name, yaml_box], [status, yaml_box], api_visibility="private")
+    # always_last: typing fires an event a key, and the name last typed must be the one the YAML ends with
+    run_name.input(partial(rename_run, studio), [run_name, yaml_box], [status, yaml_box], api_visibility="private",
+                   trigger_mode="always_last")
     yaml_box.change(partial(save_draft, studio), yaml_box, None, api_visibility="private", show_progress="hidden",
                     trigger_mode="always_last")
     _connect_files(studio, tab, files, memory)
@@ -173,7 +178,7 @@ def gpu_choice(count: int | None = None):
 
 
 def page_load(studio: Studio, preset: str, dataset: str | None):
-    return (f"**Hardware:** {studio.hardware.summary()}", *preset_defaults(studio, preset, dataset))
+    return (*preset_defaults(studio, preset, dataset), f"**Hardware:** {studio.hardware.summary()}")
 
 
 def preset_defaults(studio: Studio, preset: str, dataset: str | None):
@@ -216,10 +221,30 @@ def save_draft(studio: Studio, text: str) -> None:
 
 
 def restore_draft(studio: Studio):
+    """The draft back in the editor, and the pickers above it showing what it holds (preset, dataset, base model,
+    run name) rather than the defaults of the page."""
     path = draft_path(studio)
     if not path.is_file():
-        return gr.skip(), gr.skip()
-    return note("Restored the YAML you were editing (a draft kept in the workspace)."), path.read_text("utf-8")
+        return (gr.skip(),) * 6
+    text = path.read_text("utf-8")
+    try:
+        data = parse_yaml(text)
+    except StudioError:
+        data = {}
+    return (note("Restored the YAML you were editing (a draft kept in the workspace)."), text,
+            *_pickers_of(studio, data))
+
+
+def _pickers_of(studio: Studio, data: dict) -> tuple:
+    """(preset, dataset, base model, run name) as a YAML gives them; a skip for what it does not say."""
+    preset, base = str(data.get("preset") or ""), str(data.get("base_model") or "")
+    out, dataset = Path(str(data.get("output_dir") or "")), str(data.get("train_data_dir") or "")
+    try:
+        dataset = str(Path(dataset).resolve().relative_to(studio.workspace.root)) if dataset else ""
+    except ValueError:  # outside the workspace: not one of the picker's datasets
+        dataset = ""
+    return (preset if preset in preset_names() else gr.skip(), dataset or gr.skip(), base or gr.skip(),
+            out.name if out.parent.name == "runs" else gr.skip())
 
 
 @reports_errors(outputs=2)
