@@ -73,7 +73,7 @@ class Family:
 
 _REGISTRY: dict[str, Family] = {}
 # The family modules, imported once on first use (each calls `register`). A new family is one module and one line.
-FAMILY_MODULES = ("sd15", "sdxl", "flux1", "chroma", "z_image", "qwen_image", "llm")
+FAMILY_MODULES = ("sd15", "sdxl", "flux1", "chroma", "z_image", "qwen_image", "flux2_klein", "llm")
 
 
 def register(family: Family) -> Family:
@@ -136,7 +136,9 @@ def detect_family(task_type: str, base_model: str) -> Family:
     if found is not None:
         return found
     name = str(base_model).lower()
-    return next((f for f in images if any(hint in name for hint in f.name_hints)), images[0])
+    # the most specific hint wins: "flux.2-klein" over Flux.1's "flux"
+    hinted = [(len(hint), f) for f in images for hint in f.name_hints if hint in name]
+    return max(hinted, key=lambda found: found[0])[1] if hinted else images[0]
 
 
 def _image_family_of_files(path: Path, fallback: bool = True) -> Family | None:

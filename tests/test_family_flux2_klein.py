@@ -1,0 +1,148 @@
+"""FLUX.2 [klein] on a tiny random Flux2KleinPipeline (real classes and names, blocks shrunk, a 28-layer 8-wide
+Qwen3, the FLUX.2 VAE with batch-norm statistics): recognised from a folder, hub ids and its single files; planned at
+full size from the shipped configs; trained, exported, reloaded into diffusers."""
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from studio.config import config_from_dict
+from studio.errors import StudioError
+from studio.events import EventSink
+from studio.families import detect_family, get_family
+from studio.loop import train
+from studio.models import CONFIG_ROOT
+from tests.test_image_training import solid_colours
+
+KLEIN = get_family("flux2_klein")  # the registry first: it keeps the families in FAMILY_MODULES order
+
+from studio.demo.flux2_klein import build_tiny_flux2_klein, flux2_file_layout, write_flux2_checkpoint  # noqa: E402
+from studio.families.flux2_klein import to_diffusers  # noqa: E402
+from studio.models.pipelines import load_pipeline  # noqa: E402
+
+COMFY = "model.diffusion_model."
+# The diffusers-side names ComfyUI's Flux key map (comfy/utils.py flux_to_diffusers; its Flux2 model class derives
+# from Flux) resolves for the Linears a LoRA adapts, in block 0 of each kind.
+COMFY_FLUX2_NAMES = {
+    *(f"transformer_blocks.0.{name}" for name in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+        "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+        "ff_context.linear_out")),
+    "single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single_transformer_blocks.0.attn.to_out"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_flux2_klein(tmp_path_factory.mktemp("klein") / "tiny-flux2-klein-base")
+
+
+def render(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt="a red picture", num_inference_steps=2, height=64, width=64, guidance_scale=4.0,
+                output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_recognised_from_folder_and_hub_ids(tiny):
+    assert detect_family("image-generation", str(tiny)) is KLEIN
+    assert detect_family("image-generation", "black-forest-labs/FLUX.2-klein-9B") is KLEIN
+    assert detect_family("image-generation", "black-forest-labs/FLUX.1-dev").name == "flux1"  # "flux" is less specific
+
+
+@pytest.mark.parametrize("prefix", ["", COMFY])
+def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
+    path = write_flux2_checkpoint(tiny, tmp_path / "flux-2-klein-base-4b.safetensors", prefix)
+    assert detect_family("image-generation", str(path)) is KLEIN
+    pipe, family = load_pipeline(str(path), components=str(tiny))
+    ours, ref = pipe.transformer.state_dict(), Flux2KleinPipeline.from_pretrained(tiny).transformer.state_dict()
+    assert family is KLEIN and isinstance(pipe, Flux2KleinPipeline) and set(ours) == set(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_flux2_dev_is_refused_with_what_it_is(tiny, tmp_path):
+    path = write_flux2_checkpoint(tiny, tmp_path / "flux2-dev.safetensors")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, "guidance_in.in_layer.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(StudioError, match=r"FLUX.2 \[dev\]"):
+        load_pipeline(str(path), components=str(tiny))
+
+
+@pytest.mark.parametrize("size, text_width, params", [("4b", 7680, 3_875_544_576), ("9b", 12288, None)])
+def test_shipped_config_and_file_layout_at_full_width(size, text_width, params):
+    """4 B is the shipped config (the published 3.9 B transformer); 9 B differs in blocks, heads and text width, which
+    a 9 B file's shapes give (config_overrides); both round-trip through the BFL file layout."""
+    from studio.families.flux2_klein import config_overrides
+
+    config = Flux2Transformer2DModel.load_config(CONFIG_ROOT / "flux2-klein-4b" / "transformer")
+    if size == "9b":
+        config = {**config, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
+                  "joint_attention_dim": text_width}
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel.from_config(config)
+    if params:
+        assert sum(p.numel() for p in model.parameters()) == params
+    layout = flux2_file_layout(model.state_dict())
+    overrides = config_overrides({k: tuple(v.shape) for k, v in layout.items()})
+    assert all(config[k] == v for k, v in overrides.items()), overrides
+    assert {k: v.shape for k, v in to_diffusers(layout).items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow  # traces the 3.9 B transformer at 1024 px on the meta device
+def test_planned_at_full_size_on_the_usual_cards():
+    from studio.plan.reference import fit_reference
+
+    for card in (24, 12, 8):
+        fitted = fit_reference("FLUX.2 klein", card)
+        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
+        assert fitted.cfg.resolution == 1024
+
+
+def config(model, data, out, **extra):
+    return config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
+                             "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 2,
+                             "batch_size": 2, "sample_every_steps": 0, "sample_prompts": [], **extra})
+
+
+def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):
+    cfg = config(tiny, solid_colours(tmp_path / "colours"), tmp_path / "run", sample_every_steps=2,
+                 sample_inference_steps=2, sample_prompts=["a red picture"])
+    result = train(cfg)
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
+    assert list(Path(cfg.output_dir).rglob("step-*.png"))  # the base model's guided sample, pre-encoded
+    with safe_open(str(result.files[0]), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["modelspec.architecture"] == "Flux.2-klein-4b/lora"
+    assert meta["studio_selftest"].startswith("all 26 keys load")  # 12 double-block Linears + the fused single one
+    assert {k.removeprefix("transformer.").split(".lora_")[0] for k in tensors} <= COMFY_FLUX2_NAMES
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny)
+    base = render(pipe)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(result.files[0]), adapter_name="k")
+    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()]
+    pipe.set_adapters(["k"], [0.0])
+    assert torch.equal(torch.as_tensor(render(pipe)), torch.as_tensor(base))
+    pipe.set_adapters(["k"], [1.0])
+    assert (torch.as_tensor(render(pipe)) - torch.as_tensor(base)).abs().max() > 1e-3
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path):
+    data = solid_colours(tmp_path / "colours")
+    common = {"max_train_steps": 4, "save_steps": 2, "caption_dropout": 0.25}
+    full = train(config(tiny, data, tmp_path / "full", **common))
+    stop = threading.Event()
+    first = train(config(tiny, data, tmp_path / "part", **common),
+                  EventSink([lambda e: e.kind == "progress" and e.step == 2 and stop.set()]), stop)
+    assert first.stopped and first.step == 2
+    resumed = train(config(tiny, data, tmp_path / "part", resume_from="latest", **common))
+    a, b = load_file(str(full.files[0])), load_file(str(resumed.files[0]))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
