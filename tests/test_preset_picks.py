@@ -21,3 +21,15 @@ def test_presets_pick_their_family_and_data(demo):
     assert base["value"] == str(demo.flux) and datasets["value"] == SHAPES
     status, text, _, _ = fill_config(studio, "demo-flux", datasets["value"], base["value"], run_name)
     assert status.startswith("✔") and f"base_model: {demo.flux}" in text, status
+
+
+def test_a_form_edit_refreshes_the_memory_plan(demo):
+    from studio.ui.config_form import form_edit
+    from studio.ui.config_tab import refresh_plan
+
+    studio = Studio(Workspace(demo.root.parent), demo)
+    _, text, _, plan = fill_config(studio, "demo-image", SHAPES, str(demo.sd15), "plan-run")
+    _, edited, recorded = form_edit("resolution", 128, text)
+    bigger = refresh_plan(studio, edited, recorded)
+    assert "Memory plan" in bigger and bigger != plan and "at 128 px" in bigger
+    assert refresh_plan(studio, text, None) == {"__type__": "update"}  # not a form edit: left as it is

@@ -131,7 +131,9 @@ def config_tab(studio: Studio) -> ConfigTab:
     for key, widget in form.items():
         triggers = [widget.input] if isinstance(widget, (gr.Dropdown, gr.Checkbox)) else [widget.blur, widget.submit]
         gr.on(triggers, partial(form_edit, key), [widget, yaml_box], [form_status, yaml_box, guard.edited],
-              api_visibility="private", show_progress="hidden")
+              api_visibility="private", show_progress="hidden").then(
+            partial(refresh_plan, studio), [yaml_box, guard.edited], memory, api_visibility="private",
+            show_progress="hidden")
     return tab
 
 
@@ -271,6 +273,17 @@ def fill_config(studio: Studio, preset: str, dataset: str, base_model: str, run_
     rows = [[key, _show(values.get(key)), why, field_help(key)] for key, why in reasons.items()]
     return (ok(f"Filled from the {preset} preset for {hw.name}. Review the YAML, then start it in the Train tab."),
             text, pd.DataFrame(rows, columns=REASON_COLUMNS), plan_markdown(studio, fitted))
+
+
+def refresh_plan(studio: Studio, text: str, edited: str | None):
+    """The memory plan again after a form edit changed the YAML (`edited` is it then); a YAML that does not
+    validate keeps the last plan — Validate says what is wrong."""
+    if not (text or "").strip() or text.strip() != (edited or "").strip():
+        return gr.skip()
+    try:
+        return plan_markdown(studio, parse_config(studio, text))
+    except StudioError:
+        return gr.skip()
 
 
 @reports_errors(outputs=2)
