@@ -236,3 +236,17 @@ def test_full_size_layout_round_trips_through_diffusers_converters(family):
     if family == "sdxl":
         te2 = convert_open_clip_checkpoint(models["text_encoder_2"], ldm, prefix=sf.SDXL_TEXT_2)
         assert shapes(te2) == shapes(sds["text_encoder_2"])
+
+
+def test_the_planner_reads_a_pickle_base_with_the_opt_in(files):
+    """allow_unsafe_pickle reaches every reader of the file: the fit's memory plan too, not only the loader."""
+    from studio.hardware import Hardware
+    from studio.plan.fit import fit_config
+
+    card = Hardware("cuda", "test card", 24.0, 24.0, True)
+    data = {"preset": "style", "base_model": str(files["ckpt"]), "model_family": "sd15", "train_data_dir": "x",
+            "output_dir": "y"}
+    with pytest.raises(StudioError, match="allow_unsafe_pickle: true"):
+        fit_config(data, card, check_paths=False)
+    fitted = fit_config({**data, "allow_unsafe_pickle": True}, card, check_paths=False)
+    assert "from the file header" in fitted.plan.source and fitted.plan.peak_gb > 0
