@@ -328,6 +328,7 @@ def test_reload_reattaches_to_a_running_job_and_cancels_it(page, url, demo):
     page.locator("#train-progress").get_by_text("/100000").wait_for()
     page.locator("#stop-training").click()
     page.locator("#train-status").get_by_text("Stopped browser-long").wait_for()
+    page.locator("#train-action").get_by_text("Cancelling").wait_for(state="detached")  # it is over: not said
     assert "[checkpoint] Saved stop checkpoint" in page.locator("#train-log textarea").input_value()
 
 

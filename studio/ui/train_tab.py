@@ -36,7 +36,8 @@ FOLLOW_LOG_JS = """() => setTimeout(() => {
 STATUS_TEXT = {"idle": "No training yet", "queued": "Queued", "running": "Training",
                "stopping": "Stopping at the next step", "done": "Finished", "stopped": "Stopped", "failed": "Failed",
                "interrupted": "Interrupted"}
-VIEW_OUTPUTS = 11
+VIEW_OUTPUTS = 12
+CANCEL_NOTE = note("Cancelling: the job stops after the current step and saves a checkpoint.")
 SERIES_COLOURS = {"train": "#f97316", "validation": "#2563eb"}
 
 
@@ -79,7 +80,7 @@ def train_tab(studio: Studio, config_yaml: gr.Code, guard: ReplaceGuard) -> Trai
 
         gr.api(training_status, api_name="training_status")
 
-    view = [status, progress, losses, samples, replies, log, commands, start, runs.table, seen, series]
+    view = [status, progress, losses, samples, replies, log, commands, start, runs.table, seen, series, action]
     # The last start's message (often an error) is cleared first: it must not sit under the new start's progress.
     # Starting or queueing shows the current job again (an opened run is no longer pinned).
     for button, handler, api_name in ((start, start_training, "start_training"),
@@ -90,7 +91,7 @@ def train_tab(studio: Studio, config_yaml: gr.Code, guard: ReplaceGuard) -> Trai
     stop.click(partial(stop_training, studio), None, action, api_name="stop_training")
     sample_now.click(partial(request_now, studio, "sample"), None, action, api_name="sample_now")
     save_now.click(partial(request_now, studio, "save"), None, action, api_name="save_now")
-    timer.tick(partial(poll, studio), [runs.opened, seen], view, show_progress="hidden",
+    timer.tick(partial(poll, studio), [runs.opened, seen, action], view, show_progress="hidden",
                api_visibility="private").then(None, js=FOLLOW_LOG_JS).then(
         loss_colours, series, losses, show_progress="hidden", api_visibility="private")
     return TrainTab(status)
@@ -113,7 +114,7 @@ def queue_training(studio: Studio, text: str):
 
 def stop_training(studio: Studio):
     if studio.jobs.stop():
-        return note("Cancelling: the job stops after the current step and saves a checkpoint.")
+        return CANCEL_NOTE
     return note("No training is running.")
 
 
@@ -126,9 +127,9 @@ def request_now(studio: Studio, what: str):
     return note("No training is running.")
 
 
-def poll(studio: Studio, opened: str, seen):
+def poll(studio: Studio, opened: str, seen, action: str = ""):
     """Everything the tab shows about the job it follows (the opened run, else the current one), and the Runs table;
-    skipped (no redraw) while nothing changed since `seen`."""
+    skipped (no redraw) while nothing changed since `seen`. A 'Cancelling' note goes once no job is stopping."""
     state = studio.jobs.state_of(opened) if opened else studio.jobs.snapshot()
     table = runs_frame(studio)
     key = (state.run, state.status, state.step, len(state.log), len(state.samples), len(state.val_losses),
@@ -140,7 +141,8 @@ def poll(studio: Studio, opened: str, seen):
     return (_status_markdown(state), _progress_html(state), frame,
             gr.update(value=images, visible=bool(images) or not state.samples),
             _sample_replies(state), "\n".join(state.log), _commands(state),
-            gr.update(interactive=not studio.jobs.busy), table, key, sorted(frame["series"].unique()))
+            gr.update(interactive=not studio.jobs.busy), table, key, sorted(frame["series"].unique()),
+            "" if action == CANCEL_NOTE and not studio.jobs.busy else gr.skip())
 
 
 # --- views -----------------------------------------------------------------------------------------------------------
