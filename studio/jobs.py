@@ -167,7 +167,7 @@ class JobRunner:
         record = self.index.get(run) if self.index else None
         if record is None:
             return JobState()
-        return state_from_record(record, self.index.runs_dir / run)
+        return state_from_record(record, self.index.run_folder(run))
 
     # --- the worker ---------------------------------------------------------------------------------------------------
     def _work(self) -> None:
