@@ -52,6 +52,8 @@ def shard(engine, device: torch.device) -> None:
                         forward_prefetch=plugin.forward_prefetch, use_orig_params=plugin.use_orig_params,
                         sync_module_states=plugin.sync_module_states, param_init_fn=plugin.param_init_fn,
                         limit_all_gathers=plugin.limit_all_gathers, ignored_states=lora, device_id=device)
+    # The chunked loss runs the decoder and the head itself; FSDP's root unit gathers their weights in its forward.
+    engine.own_loss_because = "FSDP gathers the sharded weights in the model's own forward"
 
 
 def check_4bit_storage(model) -> None:
