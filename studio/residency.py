@@ -112,7 +112,7 @@ class Residency:
 
     def __init__(self, components: dict[str, torch.nn.Module], decisions: Decisions, device: torch.device,
                  compute_dtype: torch.dtype, swap_blocks: list[torch.nn.Module] | None = None,
-                 home: torch.device = torch.device("cpu"), log: Callable[[str], None] | None = None):
+                 home: torch.device = torch.device("cpu"), log: Callable[..., None] | None = None):
         self.components, self.decisions, self.device, self.home = components, decisions, device, home
         self.compute_dtype, self.log = compute_dtype, log
         self.ledger = Ledger()
@@ -152,7 +152,8 @@ class Residency:
         self.phase = phase
         if phase not in self._logged and self.log:
             self._logged.add(phase)
-            self.log(self._describe(phase, resident))
+            self.log(self._describe(phase, resident), phase=phase,
+                     on_device={name: round(n / GB, 3) for name, n in resident.items()})
 
     def stream_blocks(self) -> None:
         """Start streaming the swapped blocks, from now on whenever the denoiser is on the device (called after LoRA

@@ -111,6 +111,7 @@ def test_tiny_flux_moves_through_the_phases_once_each(demo, tmp_path):
                       sample_inference_steps=2)
     result = train(cfg, EventSink([events.append]))
     lines = [e.message for e in events if e.kind == "log" and e.message.startswith("Phase ")]
+    assert [e.data["phase"] for e in events if "phase" in e.data] == [line.split(":")[0][6:] for line in lines]
     phases = [line.split(":")[0].removeprefix("Phase ") for line in lines]
     assert phases[:3] == ["encode", "cache", "train"] and {"sample", "save"} <= set(phases)
     assert len(phases) == len(set(phases))

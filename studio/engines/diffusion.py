@@ -134,7 +134,7 @@ class DiffusionEngine(Engine):
         components = {self.recipe.denoiser: self.denoiser, "vae": self.pipe.vae, **self.text_encoders}
         blocks = self.recipe.swap_blocks(self.denoiser) if decisions.blocks_to_swap else None
         return Residency(components, decisions, self.device, self.autocast or self.weight_dtype, blocks,
-                         log=lambda text: self.events.emit("log", message=text))
+                         log=lambda text, **where: self.events.emit("log", message=text, **where))
 
     @contextmanager
     def _in_phase(self, phase: str) -> Iterator[None]:
