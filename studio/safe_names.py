@@ -70,7 +70,7 @@ def workspace_path(root: str | Path, kind: str, name: str) -> Path:
         text = text[len(folder) + 1:]
     if suffix and not text.endswith(suffix):
         text += suffix
-    return inside(Path(root) / folder, text, f"{what} name")
+    return inside(inside(root, folder, "workspace folder"), text, f"{what} name")  # datasets/ itself may be a link
 
 
 def cache_key(path: Path) -> str:

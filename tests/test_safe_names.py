@@ -231,8 +231,11 @@ def test_the_guard_follows_links_at_every_level(tmp_path):
     os.symlink(tmp_path / "out", tmp_path / "ws" / "runs" / "away")
     os.symlink(tmp_path / "ws" / "runs", tmp_path / "ws" / "runs" / "here")  # a link that stays inside is fine
     assert workspace_path(tmp_path / "ws", "run", "here") == (tmp_path / "ws" / "runs").resolve() / "here"
-    assert workspace_path(tmp_path / "ws", "config", "c") == (tmp_path / "ws" / "configs" / "c.yaml").resolve()
+    assert workspace_path(tmp_path / "ws", "config", "c.yaml") == (tmp_path / "ws").resolve() / "configs" / "c.yaml"
     with pytest.raises(StudioError, match="is a link to"):
         workspace_path(tmp_path / "ws", "run", "away")
     with pytest.raises(StudioError, match="is a link to"):
         inside(tmp_path / "ws", "runs/away", "file", parts=2)
+    os.symlink(tmp_path / "out", tmp_path / "ws" / "configs")  # a level above the name leaves the workspace
+    with pytest.raises(StudioError, match="workspace folder 'configs' is a link to"):
+        workspace_path(tmp_path / "ws", "config", "c")
