@@ -13,7 +13,9 @@ from studio.activation_offload import use_offloaded_checkpointing
 from studio.config import config_from_dict
 from studio.data.text import IGNORE
 from studio.engines import make_engine
+from studio.engines.llm import LLMEngine
 from studio.events import EventSink
+from studio.loop import train
 from studio.plan.memory import plan_memory
 from studio.plan.models import LLM_REFERENCE
 
@@ -125,3 +127,28 @@ def test_the_plan_takes_offloaded_inputs_off_the_card():
     offloaded = {r.name: r.gb for r in plan_memory(dataclasses.replace(cfg, offload_activations=True), "llm", 24).rows}
     layer_input = 8192 * 4096 * 2 / 2**30
     assert rows["activations"] - offloaded["activations"] == pytest.approx(29 * layer_input, rel=0.05)
+
+
+def test_the_key_turns_it_on_in_a_run_and_the_run_is_unchanged(demo, tmp_path, monkeypatch):
+    original, nodes = LLMEngine.loss, []
+
+    def counting(self, batch, rng):
+        loss = original(self, batch, rng)
+        nodes.append(graph_nodes(loss).count("_OffloadedCheckpointBackward"))
+        return loss
+
+    monkeypatch.setattr(LLMEngine, "loss", counting)
+
+    def run(offload):
+        losses = []
+        nodes.clear()
+        cfg = config_from_dict({"preset": "demo-llm", "base_model": str(demo.llama), "train_data_dir": str(demo.chat),
+                                "output_dir": str(tmp_path / str(offload)), "max_train_steps": 3, "save_steps": 0,
+                                "sample_every_steps": 0, "sample_prompts": [], "gradient_checkpointing": True,
+                                "offload_activations": offload, "lora_dropout": 0.1})
+        train(cfg, EventSink([lambda e: e.kind == "progress" and losses.append(e.data["loss"])]))
+        return losses, set(nodes)
+
+    (plain, none), (offloaded, layers) = run(False), run(True)
+    assert none == {0} and layers == {2}  # the tiny Llama's two layers
+    assert len(plain) == 3 and offloaded == pytest.approx(plain, abs=1e-6)
