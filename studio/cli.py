@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -17,11 +18,19 @@ KNOWN_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_fo
                "transformers.utils.import_utils": "requires torchvision (not installed)"}
 
 
+# Python warnings that ask nothing of a user either: transformers 5 renaming the gradient checkpointing methods that
+# peft still calls by their old names, and peft noting a second adapter (the preview stacks LoRAs on purpose).
+KNOWN_WARNINGS = [(FutureWarning, r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated"),
+                  (UserWarning, r"Already found a `peft_config` attribute in the model")]
+
+
 def configure_environment() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for logger, text in KNOWN_NOISE.items():
         logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 @contextmanager

@@ -112,3 +112,13 @@ def test_config_errors_come_in_one_round(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for problem in ("Unknown preset 'nope'", "'lora_rank' is -3", "no-model", "no-data"):
         assert problem in result.stderr, result.stderr
+
+
+@pytest.mark.slow  # a subprocess CLI run
+def test_plan_prints_no_library_warnings(demo, tmp_path):
+    cfg = tmp_path / "llm.yaml"
+    cfg.write_text(f"preset: llm-chat\nbase_model: {demo.llama}\ntrain_data_dir: {demo.chat}\n"
+                   f"output_dir: {tmp_path / 'out'}\n")
+    done = run("--config", str(cfg), "--plan")
+    assert done.returncode == 0 and "Memory plan" in done.stdout, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
