@@ -2,9 +2,9 @@
 
 Checkpointing keeps only each layer's input (for Llama 3.1 8B: tokens × 4,096 × 2 bytes per layer, 32 layers,
 7 GB at 26k tokens) and recomputes the rest in the backward. Here that input, too, goes to pinned CPU memory as
-the forward passes (a copy on a side stream, so the GPU keeps computing) and comes back when the backward reaches
-its layer: the card holds the input of the layer being recomputed, not of every layer (unsloth's "unsloth"
-checkpointing, TRL's activation offloading).
+the forward passes (a copy on a side stream, so the GPU keeps computing) and comes back one layer ahead of the
+backward: the card holds two layer inputs (the one recomputed, the next arriving), not every one (unsloth's
+"unsloth" checkpointing, TRL's activation offloading).
 
 It is a reentrant checkpoint (the layer runs without autograd in the forward and again with it in the backward),
 so it restores what the recompute must see again: the autocast settings and the RNG state (LoRA dropout).
@@ -12,6 +12,7 @@ so it restores what the recompute must see again: the autocast settings and the 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,8 @@ def use_offloaded_checkpointing(model: torch.nn.Module) -> None:
 
 def offloaded_checkpoint(run: Callable, *args: Any) -> Any:
     """`torch.utils.checkpoint.checkpoint(run, *args)` with the tensor arguments kept in CPU memory."""
+    if not torch.is_grad_enabled():  # no backward to keep anything for
+        return run(*args)
     return _OffloadedCheckpoint.apply(run, _ANCHOR, *args)
 
 
@@ -41,17 +44,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.wants_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
         ctx.autocast = _autocast_state(device.type)
         ctx.rng = _rng_state(device)
-        ctx.held = [_to_host(a) if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.copied = _copies_done(device)
+        ctx.held = _Held(args, device)
         with torch.no_grad():
             return run(*args)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple:
-        if ctx.copied is not None:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
-        args = [_to_device(a, ctx.device, wants) if isinstance(a, torch.Tensor) else a
-                for a, wants in zip(ctx.held, ctx.wants_grad)]
+        args = ctx.held.take(ctx.wants_grad)
         ctx.held = None
         with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices(ctx.device)), \
                 torch.autocast(ctx.device.type, **ctx.autocast):
@@ -63,6 +62,51 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
         return (None, None, *(a.grad if wants else None for a, wants in zip(args, ctx.wants_grad)))
+
+
+class _Held:
+    """One layer's inputs: copied to pinned CPU memory on a side stream as the forward passes, and copied back on
+    that stream one layer early: the backward of a layer starts fetching the input of the layer before it, whose
+    backward comes next, so the copy overlaps this layer's recompute. On the CPU they stay as they are."""
+    _last: "weakref.ref[_Held] | None" = None  # the layer before, in forward order
+
+    def __init__(self, args: tuple, device: torch.device):
+        self.device, self.previous = device, _Held._last
+        _Held._last = weakref.ref(self)
+        self.host = [_to_host(a) if isinstance(a, torch.Tensor) else a for a in args]
+        self.copied = _record(device)
+        self.back: list | None = None
+        self.arrived = None
+
+    def fetch(self) -> None:
+        if self.back is not None or self.host is None:
+            return
+        if self.device.type != "cuda":
+            self.back = self.host
+            return
+        stream = _side_stream(self.device)
+        stream.wait_event(self.copied)  # the copy to the CPU is complete
+        with torch.cuda.stream(stream):
+            self.back = [a.to(self.device, non_blocking=True) if isinstance(a, torch.Tensor) else a
+                         for a in self.host]
+        self.arrived = _record(self.device)
+
+    def take(self, wants_grad: list[bool]) -> list:
+        """The inputs on the device, ready for the recompute (and the layer before starts coming back)."""
+        self.fetch()
+        if self.arrived is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.arrived)
+            for tensor in self.back:
+                if isinstance(tensor, torch.Tensor):
+                    tensor.record_stream(current)  # made on the side stream, used and freed on this one
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None:
+            previous.fetch()
+        args = [a.detach().requires_grad_(wants) if isinstance(a, torch.Tensor) else a
+                for a, wants in zip(self.back, wants_grad)]
+        self.host = self.back = None
+        return args
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,17 +122,13 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _copies_done(device: torch.device) -> torch.cuda.Event | None:
+def _record(device: torch.device) -> torch.cuda.Event | None:
+    """An event at the side stream's current end (None on the CPU)."""
     if device.type != "cuda":
         return None
     event = torch.cuda.Event()
     event.record(_side_stream(device))
     return event
-
-
-def _to_device(held: torch.Tensor, device: torch.device, wants_grad: bool) -> torch.Tensor:
-    tensor = held.to(device, non_blocking=True).detach()
-    return tensor.requires_grad_(wants_grad)
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
