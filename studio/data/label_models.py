@@ -16,6 +16,7 @@ from transformers import AutoProcessor, BlipForConditionalGeneration, CLIPModel
 
 from studio.data.tagging import rank_tags
 from studio.errors import StudioError
+from studio.hub_reach import hub_reachable
 
 DEFAULT_CLIP = {"clip": "openai/clip-vit-large-patch14", "open_clip": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
@@ -61,6 +62,8 @@ def load_pretrained(cls, model_id: str, what: str, **kwargs):
 
     Every model and processor of a run is loaded through here, so a test can count the loads.
     """
+    if not Path(model_id).expanduser().exists() and not hub_reachable():
+        kwargs = {**kwargs, "local_files_only": True}  # offline: the cache, or the message below at once
     try:
         return cls.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as exc:  # transformers: OSError for missing files, ValueError for a wrong folder
