@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["image_train.py", "flux_train.py", "llm_train.py", "auto_label.py", "multi_process.py"]
+SCRIPTS = ["image_train.py", "flux_train.py", "llm_train.py", "auto_label.py", "multi_process.py", "ops_per_update.py"]
 
 failed = []
 for script in SCRIPTS:

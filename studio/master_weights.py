@@ -72,8 +72,7 @@ class MasterWeights(SameWeights):
             self.master = torch.cat([_in_memory_order(p.detach()).float() for p in self.params])
             self.compute = self.master.to(dtype)
         self.grad = torch.zeros_like(self.master)
-        self.master.grad = self.grad  # clipping and the all-reduce see one tensor, not hundreds
-        self.grad_owners = [self.master]
+        self.grad_owners = [self.master]  # clipping and the all-reduce see one tensor (its .grad), not hundreds
         self._masters = _views(self.master, self.params, sizes)
         self._computes = _views(self.compute, self.params, sizes)
         for param, view in zip(self.params, self._computes):
@@ -94,13 +93,17 @@ class MasterWeights(SameWeights):
             else:
                 torch.cat(flat, out=self.grad)  # cast to fp32 in the same kernel
         self._accumulated = True
+        self.master.grad = self.grad
         for param in self.params:
             param.grad = None
 
     def attach_grads(self) -> None:
-        if self.master.grad is not self.grad:  # the all-reduce handed back a new tensor
-            self.grad.copy_(self.master.grad)
-            self.master.grad = self.grad
+        summed = self.master.grad
+        if summed is None:  # no micro-batch in this process (an empty share of the group): zeros, as summed
+            self.grad.zero_()
+        elif summed is not self.grad:  # the all-reduce handed back a new tensor
+            self.grad.copy_(summed)
+        self.master.grad = self.grad
         for master, grad in zip(self._group_masters, self._group_grads):
             master.grad = grad
         self._accumulated = False
@@ -108,9 +111,11 @@ class MasterWeights(SameWeights):
     def publish(self) -> None:
         with torch.no_grad():
             self.compute.copy_(self.master)
+        self.master.grad = None  # the next update's all-reduce must not see this one's gradient
 
     def discard(self) -> None:
         self._accumulated = False
+        self.master.grad = None
         for param in self.params:
             param.grad = None
 
