@@ -46,6 +46,6 @@ def test_alpha_left_out_follows_the_rank_on_every_family(family):
     not cached: the plan sizes the family's reference model from its shipped configs.)"""
     assert "Default: lora_rank" in field_help("lora_alpha")
     base = {"base_model": "example/not-downloaded", "model_family": family, "output_dir": "x",
-            "train_data_dir": "data", "lora_rank": 4}
+            "train_data_dir": "data", "lora_rank": 4, "resolution": 256}  # small: the plan is traced, not run
     fitted = fit_config(base, detect(), check_paths=False)
     assert fitted.cfg.lora_rank == 4 and fitted.cfg.effective_alpha == 4.0
