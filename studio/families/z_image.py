@@ -174,8 +174,8 @@ register(Family(
     recipe="studio.families.z_image:ZImageRecipe", pipeline_classes=("ZImagePipeline",), recognise=recognise,
     single_file_loader="studio.families.z_image:load_single_file", name_hints=("z-image", "z_image", "zimage"),
     config_dir="z-image-turbo", native_resolution=1024, trains_text_encoder=False, quantized_base=("fp8", "nf4"),
-    # musubi-tuner's ModelSpec for a Z-Image LoRA (ARCH_Z_IMAGE / IMPL_Z_IMAGE) and network module; no WebUI filters
-    # Z-Image LoRAs by ss_base_model_version, "z_image" names it plainly
+    # what musubi-tuner writes for a Z-Image LoRA: ModelSpec ARCH_Z_IMAGE / IMPL_Z_IMAGE, its networks.lora_zimage,
+    # ss_base_model_version "z_image"
     webui_version="z_image", network_module="networks.lora_zimage", modelspec_architecture="Z-Image",
     modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image", lora_loaders=("ComfyUI", "diffusers"),
     lora_markers=("transformer.layers.", "transformer.noise_refiner.", "diffusion_model.layers.", "lora_unet_layers_"),
