@@ -83,7 +83,7 @@ def test_yaml_edit_updates_the_form(app):
     assert values["learning_rate"] == pytest.approx(3e-4)
     assert values["lora_rank"] == 8 and values["save_steps"] == 50
     assert values["sample_prompts"] == "a red circle\na blue square"
-    assert values["epochs"] == 10 and values["lora_alpha"] == 8  # from the style preset the YAML names
+    assert values["epochs"] == 10 and values["lora_alpha"] == "8"  # from the style preset the YAML names
     assert values["network_type"] == "lora" and values["gradient_checkpointing"] is False  # schema defaults
     assert values["max_train_steps"] is None and values["trigger_word"] == ""
 
@@ -104,6 +104,8 @@ def test_widgets_come_from_the_schema(app):
     assert rank["type"] == "number" and (rank["props"]["minimum"], rank["props"]["maximum"]) == (1, 1024)
     assert rank["props"]["precision"] == 0 and widgets["learning_rate"]["props"].get("precision") is None
     assert widgets["sample_prompts"]["type"] == "textbox" and widgets["sample_prompts"]["props"]["lines"] > 1
+    steps = widgets["max_train_steps"]  # unset by default: empty, not a number box showing an invalid 0
+    assert steps["type"] == "textbox" and not steps["props"].get("value") and "empty" in steps["props"]["placeholder"]
     assert all(widget["props"]["info"] == field_help(key) for key, widget in widgets.items())
 
 

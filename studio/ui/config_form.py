@@ -28,7 +28,8 @@ _KEY_LINE = re.compile(r"(?P<key>[A-Za-z_][\w-]*)\s*:(\s|$)")  # a top-level `ke
 
 def form_widget(key: str):
     """The key's widget, from its schema entry: its help as the info line, a dropdown of its choices, a checkbox for
-    true/false, a number within its min/max, a box with one line per item for lists, else a textbox."""
+    true/false, a number within its min/max (a textbox where the key is unset by default), a box with one line per
+    item for lists, else a textbox."""
     meta = FIELDS[key].metadata
     base, _ = field_type(key)
     common = dict(label="GPUs" if key == GPU_KEY else key, info=field_help(key), visible=key != GPU_KEY,
@@ -37,6 +38,8 @@ def form_widget(key: str):
         return gr.Dropdown(list(meta["choices"]), **common)
     if base is bool:
         return gr.Checkbox(**common)
+    if base in (int, float) and common["value"] is None:  # unset by default: a number box would show a red 0
+        return gr.Textbox(placeholder="empty: not set", **common)
     if base in (int, float):
         return gr.Number(minimum=meta.get("min"), maximum=meta.get("max"), precision=0 if base is int else None,
                          step=FORM_STEPS.get(key, 1), **common)
@@ -141,9 +144,11 @@ def _typed_value(key: str, value):
 
 
 def _form_value(value):
-    """A typed config value as its widget shows it (lists one item a line)."""
+    """A typed config value as its widget shows it (lists one item a line, 8.0 as 8)."""
     if isinstance(value, list):
         return "\n".join(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 
