@@ -94,6 +94,7 @@ def case_row(case: Case) -> dict:
            "batch_size": cfg.batch_size, "accumulation": cfg.gradient_accumulation_steps,
            "length": cfg.max_length if case.family == "llm" else cfg.resolution,
            "planned_peak_gb": plan.peak_gb, "planned_alloc_gb": plan.allocated_gb, "verdict": plan.verdict,
+           "planned_phases_gb": {phase.name: phase.gb for phase in plan.phases},
            "same_as": case.same_as, "status": "pending"}
     if case.skip:
         row["status"] = f"not run: {case.skip}"

@@ -109,6 +109,19 @@ def _run_line(row: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+LOADING = ("load", "encode", "cache")  # phases measured on their own, before the first update
+
+
+def _phase_line(row: dict) -> str | None:
+    planned, measured = row.get("planned_phases_gb") or {}, row.get("measured_phases_gb") or {}
+    if not planned or row.get("same_as") or row["status"].startswith("not run"):
+        return None
+    after_start = row.get("measured_alloc_gb")  # the trainer's phases once updates run
+    cells = [f"{phase} {gb:.2f} / {cell(measured.get(phase) if phase in LOADING else after_start, '.2f')}"
+             for phase, gb in planned.items()]
+    return f"- {row['model']} {row['case']} {row['card_gb']:g} GB: " + ", ".join(cells)
+
+
 def _context_lines(ctx: dict) -> list[str]:
     lines = ["### Longest context: Llama 3.1 8B, QLoRA r=32, gradient checkpointing, 24 GB card", "",
              f"Studio side: {ctx.get('config', '?')}. One update (forward, backward, optimizer step) per length; "
@@ -165,6 +178,10 @@ def format_report(results: list[dict], meta: dict) -> str:
                   "throughput | MFU | measured alloc | meas./plan | reserved | load | last loss |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_run_line(row) for row in runs]
+        phased = [line for line in map(_phase_line, runs) if line]
+        if phased:
+            lines += ["", "Image runs by phase, planned / measured allocated GB (measured apart until training "
+                      "starts; from then on train, sample, validate and save share the measured alloc):", ""] + phased
     ctx = _by_id(results).get("llm-ctx")
     if ctx:
         lines += [""] + _context_lines(ctx)

@@ -17,7 +17,9 @@ from gpu_speed import mfu, seconds_per_step, warmup_for
 
 
 class Watcher:
-    """Listens to a run's events: update times and losses, back-offs, token counts, and the load phase's peak."""
+    """Listens to a run's events: update times and losses, back-offs, token counts, and the peaks while loading: of
+    each residency phase before training (encode, cache, and the denoiser's arrival as `train`), all of them together
+    as the load peak. From the first update on the peak is one figure (train, sample, validate and save alternate)."""
 
     def __init__(self, gpu: Cuda):
         self.gpu = gpu
@@ -25,11 +27,22 @@ class Watcher:
         self.losses: list[float] = []
         self.backoffs: list[str] = []
         self.tokens = self.rows = self.load_peak = None
+        self.phase, self.phase_peaks, self.started = "load", {}, False
+
+    def _end_phase(self) -> None:
+        peak = self.gpu.peak_allocated_gb()
+        if peak is not None:
+            self.phase_peaks[self.phase] = max(peak, self.phase_peaks.get(self.phase, 0.0))
+        self.gpu.reset_peak()
 
     def __call__(self, event) -> None:
-        if event.kind == "start":  # loading is over: from here on it is training
-            self.load_peak = self.gpu.peak_allocated_gb()
-            self.gpu.reset_peak()
+        if event.kind == "log" and "phase" in event.data and not self.started:  # the engine's phase lines
+            self._end_phase()
+            self.phase = event.data["phase"]
+        elif event.kind == "start":  # loading is over: from here on it is training
+            self._end_phase()
+            self.started = True
+            self.load_peak = max(self.phase_peaks.values(), default=None)
         elif event.kind == "progress":
             self.times.append(time.perf_counter())
             self.losses.append(event.data.get("loss"))
@@ -98,6 +111,7 @@ def _train_case(session: Session, case: Case, model_dir: Path, data_dir: Path, o
     row["measured_alloc_gb"] = gpu.peak_allocated_gb()
     row["measured_reserved_gb"] = gpu.peak_reserved_gb()
     row["load_peak_gb"] = watch.load_peak
+    row["measured_phases_gb"] = watch.phase_peaks  # next to planned_phases_gb
     if row["measured_alloc_gb"] is not None and row["planned_alloc_gb"] and not error:
         row["ratio"] = row["measured_alloc_gb"] / row["planned_alloc_gb"]
     _measure_speed(row, watch, cfg, case.family, flops, session.meta.get("peak_flops"))

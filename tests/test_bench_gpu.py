@@ -113,7 +113,9 @@ def fake_results():
                  measured_reserved_gb=10.0, load_peak_gb=3.0, loss=0.12),
         _run_row("sdxl/planner/24", 24, status="same config as sdxl/planner/12", same_as="sdxl/planner/12"),
         _run_row("sdxl/planner/12", 12, s_per_it=0.8, samples_per_s=5.0, mfu=0.3, measured_alloc_gb=12.0,
-                 ratio=12.0 / 9.5, measured_reserved_gb=12.5, load_peak_gb=8.0, loss=0.2),
+                 ratio=12.0 / 9.5, measured_reserved_gb=12.5, load_peak_gb=8.0, loss=0.2,
+                 planned_phases_gb={"encode": 1.5, "cache": 1.8, "train": 9.5},
+                 measured_phases_gb={"encode": 1.4, "cache": 2.0, "train": 5.0}),
         _run_row("sdxl/fp16/24", 24, status="error: OutOfMemoryError: CUDA out of memory."),
         _run_row("llm/planner/8", 8, status="not run: the plan says too big (9.0 GB on a 8 GB card)"),
         {"id": "llm-ctx", "kind": "context", "family": "llm", "model": "Llama 3.1 8B", "card_gb": 24,
@@ -146,6 +148,8 @@ def test_report_renders_targets_runs_and_context():
     assert "| 160.00 img/s | 41.0 % |" in runs[0]
     assert "| 4,096 | 4,096 | 8,192 | 2.00 | 2,048 | 18.00 GB | 2 |" in report
     assert "The planner's longest fitting max_length for the studio side: 12,288" in report
+    # each phase planned / measured: loading phases on their own, training ones from the first update on
+    assert "- SDXL planner 12 GB: encode 1.50 / 1.40, cache 1.80 / 2.00, train 9.50 / 12.00" in report
 
 
 def test_report_says_what_was_not_measured():
