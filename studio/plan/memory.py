@@ -72,7 +72,7 @@ def plan_memory(cfg: RunConfig, family: str, card_gb: float | None, *, flops: bo
         lora_gb = sum(row.gb for row in rows if row.name in ("LoRA weights + gradients", "optimizer state"))
         text_gb = sum(row.gb for row in rows if row.name == "cached text embeddings")
         inputs = PhaseInputs(lora_gb, text_gb, sum(row.gb for row in rows), trace.backward_peak() / GB,
-                             cfg.batch_size)
+                             cfg.batch_size, lora * 4 / GB)
         phases = phase_rows(residency, inputs, length)
     if on_gpu:
         rows.append(PlanRow(CONTEXT_ROW, CUDA_CONTEXT_GB, "context and cuBLAS/cuDNN workspaces (not in torch's "

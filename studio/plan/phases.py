@@ -31,6 +31,7 @@ class PhaseInputs:
     train: float  # the train phase: the sum of the plan's rows (weights, LoRA, optimizer, activations...)
     block_work: float  # one block's activations of one sample: a no-grad forward's working set
     batch_size: int
+    lora_weights: float  # one fp32 copy of the LoRA weights: what saving makes contiguous before it goes to the CPU
 
 
 def run_residency(cfg, family: str, folder: Path, dtype: torch.dtype, card_gb: float | None,
@@ -83,7 +84,7 @@ def phase_rows(residency: Residency, inputs: PhaseInputs, resolution: int) -> li
         "train": (inputs.train - ledger.peak("train") / GB, "the rows above"),
         "sample": (trained + inputs.text_cache + max(2 * inputs.block_work, vae_work), "denoiser + VAE decode"),
         "validate": (trained + inputs.text_cache + inputs.block_work * inputs.batch_size, "no gradients"),
-        "save": (trained * 1.25 + inputs.text_cache, "the adapter copied to the CPU"),
+        "save": (trained + inputs.lora_weights + inputs.text_cache, "the adapter copied to the CPU"),
     }
     rows = []
     for phase in PHASES:
