@@ -195,12 +195,13 @@ class Residency:
 
     def _quantize(self, denoiser: torch.nn.Module) -> None:
         """NF4 storage, once, on the denoiser's first way to the device: layer by layer, so no 16-bit copy of it is
-        ever there (the swapped blocks are quantized where they stay). The meta model of the plan stays as it is."""
+        ever there (the swapped blocks go back to the CPU right after). The meta model of the plan stays as it is."""
         if self.decisions.storage != "nf4" or getattr(denoiser, "_studio_nf4", False) or self.home == META:
             return
         from studio.models.nf4 import quantize_linears_nf4
-        for block in self.swapped:
-            quantize_linears_nf4(block, self.home, self.compute_dtype)
+        for block in self.swapped:  # quantized on the device (fast), then home: one block on the card at a time
+            quantize_linears_nf4(block, self.device, self.compute_dtype)
+            block.to(self.home)
         quantize_linears_nf4(denoiser, self.device, self.compute_dtype)
         denoiser._studio_nf4 = True
 

@@ -118,3 +118,27 @@ def test_tiny_flux_moves_through_the_phases_once_each(demo, tmp_path):
     assert "transformer" not in lines[0] and "text_encoder_2" in lines[0]  # T5 encodes alone
     assert lines[1].startswith("Phase cache: on the cpu: vae ")
     assert len(list((result.output_dir / "samples").glob("*.png"))) == 2  # drawn from the cached prompt embeddings
+
+
+def test_nf4_with_swapped_blocks_loads_quantized_and_trains(demo, tmp_path, monkeypatch):
+    """NF4 and block swap together through the engine (bitsandbytes' CPU backend here): every base linear layer is
+    quantized, the swapped ones included, the train phase's line says what streams, and steps run."""
+    import bitsandbytes as bnb
+
+    from studio.engines import make_engine
+    from studio.engines.diffusion import DiffusionEngine
+
+    monkeypatch.setattr(DiffusionEngine, "four_bit_needs_cuda", False)
+    cfg = flux_config(demo.flux, solid_colours(tmp_path / "colours"), tmp_path / "run", max_train_steps=2,
+                      load_in_4bit=True, blocks_to_swap=2)
+    events = []
+    engine = make_engine(cfg, torch.device("cpu"), None, EventSink([events.append]))
+    engine.load()
+    residency = engine.residency
+    assert len(residency.swapped) == 2
+    for block in residency.blocks:
+        bases = [m.base_layer for m in block.modules() if hasattr(m, "base_layer")]
+        assert bases and all(isinstance(layer, bnb.nn.Linear4bit) for layer in bases)
+    train_line = next(e.message for e in events if e.data.get("phase") == "train")
+    assert "(2 transformer blocks streamed from CPU memory)" in train_line
+    assert torch.isfinite(torch.tensor(train(cfg).last_loss))
