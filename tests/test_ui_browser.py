@@ -235,6 +235,7 @@ def test_every_tab(page, shots, demo):
     steps = load_preset("demo-image")["max_train_steps"]
     assert f"step {steps}/{steps}" in page.locator("#train-progress").inner_text()
     page.locator("#train-samples img").first.wait_for()
+    assert page.locator("#train-samples img").first.evaluate("(img) => getComputedStyle(img).objectFit") == "contain"
     assert "[done]" in page.locator("#train-log textarea").input_value()
     # the log follows its end: its last line is in view
     page.wait_for_function("""() => { const log = document.querySelector('#train-log textarea');
@@ -364,10 +365,14 @@ def test_presets_pick_their_model_and_data_and_lists_are_fresh(page, demo, reque
     request.addfinalizer(lambda: (configs / "late_cfg.yaml").unlink(missing_ok=True))
     open_tab(page, "Config")
     open_tab(page, "Dataset")  # each list as the workspace holds it now, without a reload or a Refresh
-    pick(page, "dataset-picker", "late-chats")
-    pick(page, "dataset-picker", "demo-shapes (demo)")
     page.locator("#dataset-health").get_by_text("Health check (before training)").click()
     pick(page, "health-config", "late_cfg")
+    page.locator("#health-check").click()  # (the config names no model: the report says so)
+    page.wait_for_function("() => document.querySelector('#health-report').innerText.trim().length > 0",
+                           timeout=60_000)
+    pick(page, "dataset-picker", "late-chats")  # the report of the dataset before goes with it
+    page.wait_for_function("() => document.querySelector('#health-report').innerText.trim() === ''")
+    pick(page, "dataset-picker", "demo-shapes (demo)")
     page.locator("#dataset-health").get_by_text("Health check (before training)").click()
     open_tab(page, "Config")
     pick(page, "config-dataset", "late-chats")

@@ -38,6 +38,9 @@ def health_section(studio: Studio, dataset: gr.Dropdown) -> None:
               api_visibility="private")
     check.click(partial(check_health, studio), [dataset, config], [report, duplicates, flagged],
                 api_name="check_dataset")
+    # A report is of the dataset it checked: another dataset picked, it goes.
+    dataset.change(lambda: ("", gr.update(visible=False), gr.update(visible=False)), None,
+                   [report, duplicates, flagged], api_visibility="private", show_progress="hidden")
 
 
 def _config_choices(studio: Studio) -> list[tuple[str, str]]:

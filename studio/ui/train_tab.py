@@ -64,7 +64,8 @@ def train_tab(studio: Studio, config_yaml: gr.Code, guard: ReplaceGuard) -> Trai
         with gr.Row():
             losses = gr.LinePlot(_loss_frame(JobState()), x="step", y="loss", color="series", title="Loss",
                                  color_map={}, height=280, scale=3, elem_id="loss-plot")
-            samples = gr.Gallery(label="Samples", columns=3, height=280, scale=2, elem_id="train-samples")
+            samples = gr.Gallery(label="Samples", columns=3, height=280, scale=2, object_fit="contain",
+                                 elem_id="train-samples")  # a sample shown whole, not cropped to its tile
         replies = gr.Markdown(elem_id="train-replies")
         log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="train-log")
         commands = gr.Markdown(elem_id="train-commands")
