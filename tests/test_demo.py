@@ -46,3 +46,12 @@ def test_demo_is_built_once(demo):
     before = (demo.sd15 / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     ensure_demo(demo.root.parent)
     assert (demo.sd15 / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_building_the_demo_draws_no_progress_bars(tmp_path, capfd):
+    """A build of seconds is no console of "Writing model shards" bars; the library's bars are back on after."""
+    from transformers.utils import logging as hf_logging
+
+    paths = ensure_demo(tmp_path)
+    assert (paths.llama / "config.json").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()

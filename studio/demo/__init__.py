@@ -7,9 +7,10 @@ The SD1.5 model is pretrained (it draws coloured shapes; the demo dataset teache
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from studio.demo.captioners import build_tiny_blip, build_tiny_clip  # auto-label
 from studio.demo.datasets import build_demo_chat, build_demo_images
@@ -69,11 +70,26 @@ class DemoPaths:
 
 def ensure_demo(workspace_root: str | Path) -> DemoPaths:
     paths = DemoPaths(Path(workspace_root) / "demo")
-    for target, build in paths.builders().items():
-        marker = target / ".demo-version"
-        if marker.is_file() and marker.read_text() == DEMO_VERSION:
-            continue
-        with atomic_dir(target) as tmp:  # an interrupted build never leaves a half model behind
-            build(tmp)
-            (tmp / ".demo-version").write_text(DEMO_VERSION)
+    with _quiet_saving():
+        for target, build in paths.builders().items():
+            marker = target / ".demo-version"
+            if marker.is_file() and marker.read_text() == DEMO_VERSION:
+                continue
+            with atomic_dir(target) as tmp:  # an interrupted build never leaves a half model behind
+                build(tmp)
+                (tmp / ".demo-version").write_text(DEMO_VERSION)
     return paths
+
+
+@contextmanager
+def _quiet_saving() -> Iterator[None]:
+    """No "Writing model shards" bar for each tiny model saved (a console of bars for a build of seconds)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
