@@ -273,7 +273,11 @@ class RunIndex:
                     con.execute("DELETE FROM runs WHERE name = ?", (name,))
             for name, folder in folders.items():
                 if name not in known:
-                    record = record_from_folder(folder)
+                    try:
+                        record = record_from_folder(folder)
+                    except OSError as exc:  # unreadable files: not listed until they can be read, no crash
+                        log.warning("Run folder %s cannot be read (%s); it is left out of the index.", folder, exc)
+                        continue
                     con.execute(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                                 [getattr(record, c) for c in COLUMNS])
 
