@@ -223,6 +223,13 @@ def test_every_tab(page, shots, demo):
         "(spans) => spans.map((s) => [s.innerText, s.getClientRects().length, s.offsetHeight,"
         " parseFloat(getComputedStyle(s).fontSize)])")
     assert keys and all(rects == 1 and height < 2 * font for _, rects, height, font in keys), keys
+    for width, height in VIEWPORTS:  # every column of "why" in view, none scrolled off to the side
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(300)
+        table = page.locator("#config-reasons .virtual-table-viewport").evaluate(
+            "(e) => [e.scrollWidth, e.clientWidth]")
+        assert table[0] <= table[1] + 1, (width, table)
+    page.set_viewport_size({"width": VIEWPORTS[0][0], "height": VIEWPORTS[0][1]})
     scroller = page.locator("#config-yaml .cm-scroller").evaluate("(e) => [e.scrollWidth, e.clientWidth]")
     assert scroller[0] <= scroller[1] + 1, scroller
     page.locator("#config-yaml").scroll_into_view_if_needed()

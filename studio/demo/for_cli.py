@@ -35,5 +35,5 @@ def with_demo_paths(data: dict, config: Path, workspace_root: Path) -> tuple[dic
     found = {"base_model": str(base), "train_data_dir": str(demo.chat if text else demo.images),
              "output_dir": str(workspace_root / "runs" / preset)}
     filled = {key: found[key] for key in PATH_KEYS if not data.get(key)}
-    lines = "\n".join(f"  {key}: {value}" for key, value in filled.items())
-    return {**data, "preset": preset, **filled}, f"The {preset} preset trains the built-in demo (in {demo.root}):\n{lines}"
+    lines = "".join(f"\n  {key}: {value}" for key, value in filled.items())
+    return {**data, "preset": preset, **filled}, f"The {preset} preset trains the demo (in {demo.root}):{lines}"

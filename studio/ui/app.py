@@ -61,9 +61,9 @@ CSS = """
   width: var(--w) !important; min-width: var(--w) !important; max-width: var(--w) !important;
   flex: 0 0 var(--w) !important; }
 #config-reasons .body-cell[data-col="0"] span { white-space: nowrap; font-size: 12px; }
-/* ...and below 1200 px the column holding the plan and that table goes under the editor, at full width: in its
-   2/5 of the row (~380 px) the key names alone would fill the table. */
-@media (max-width: 1200px) { .row > .column:has(> #config-reasons) { min-width: 100% !important; } }
+/* ...and below 1500 px the column holding the plan and that table goes under the editor, at full width: in its
+   2/5 of the row (~480 px at 1400 px) the table would scroll its last column out of view. */
+@media (max-width: 1500px) { .row > .column:has(> #config-reasons) { min-width: 100% !important; } }
 """
 
 
