@@ -56,9 +56,10 @@ class ImagePreviewer:
 
     def generate(self, base_model: str, adapters: list[tuple[str, float]], prompt: str, negative_prompt: str = "",
                  seed: int = 0, steps: int | None = None, width: int | None = None,
-                 height: int | None = None) -> Image.Image:
+                 height: int | None = None, allow_unsafe_pickle: bool = False) -> Image.Image:
+        """`allow_unsafe_pickle`: a run trained on this .ckpt base opted in (studio.models.single_file)."""
         with self._lock:
-            pipe = self._pipeline(base_model)
+            pipe = self._pipeline(base_model, allow_unsafe_pickle)
             self._activate(pipe, adapters)
             return render(pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, width=width,
                           height=height)
@@ -66,7 +67,8 @@ class ImagePreviewer:
     def strength_sweep(self, base_model: str, checkpoints: list[tuple[str, str]], prompt: str,
                        negative_prompt: str = "", seed: int = 0, steps: int | None = None, width: int | None = None,
                        height: int | None = None, strengths: tuple[float, ...] = SWEEP_STRENGTHS,
-                       on_tile: Callable[[int, int], None] | None = None) -> tuple[Image.Image, GridLayout]:
+                       on_tile: Callable[[int, int], None] | None = None,
+                       allow_unsafe_pickle: bool = False) -> tuple[Image.Image, GridLayout]:
         """One seed for every (checkpoint, strength): `checkpoints` are (label, adapter file) pairs, one row each;
         strengths across (0 = the base model). `on_tile(done, total)` follows the progress."""
         tiles, done, total = [], 0, len(checkpoints) * len(strengths)
@@ -75,15 +77,16 @@ class ImagePreviewer:
                 tiles.append([])
                 for strength in strengths:
                     tiles[-1].append(self.generate(base_model, [(adapter, strength)], prompt, negative_prompt, seed,
-                                                   steps, width, height))
+                                                   steps, width, height, allow_unsafe_pickle))
                     done += 1
                     if on_tile:
                         on_tile(done, total)
         return draw_grid(tiles, [label for label, _ in checkpoints], strengths)
 
-    def _pipeline(self, base_model: str) -> DiffusionPipeline:
+    def _pipeline(self, base_model: str, allow_unsafe_pickle: bool = False) -> DiffusionPipeline:
         if self._base != base_model:
-            self._pipe, self._family = load_pipeline(base_model, torch_dtype=inference_dtype(self.device))
+            self._pipe, self._family = load_pipeline(base_model, allow_unsafe_pickle=allow_unsafe_pickle,
+                                                     torch_dtype=inference_dtype(self.device))
             self._pipe.to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
             self._base, self._adapters, self._lycoris = base_model, {}, {}

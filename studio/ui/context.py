@@ -37,6 +37,7 @@ class RunInfo:
     adapter: Path | None = None  # the exported LoRA file (image) or adapter folder (LLM); None while unfinished
     status: str = "unknown"  # running, done, stopped, failed, or unknown (no events yet)
     adapters: list[RunAdapter] = field(default_factory=list)  # one per saved step, then the final one: newest last
+    allow_unsafe_pickle: bool = False  # the run's opt-in for a .ckpt base: its readers (preview, self-test) honour it
 
     @property
     def is_image(self) -> bool:
@@ -111,7 +112,8 @@ class Studio:
         if not config.is_file():
             raise StudioError(f"There is no run called '{name}' in {self.workspace.runs}.")
         data = parse_yaml(config.read_text(encoding="utf-8"), str(config))
-        info = RunInfo(name, folder, data.get("task_type") or IMAGE_TASK, str(data.get("base_model") or ""))
+        info = RunInfo(name, folder, data.get("task_type") or IMAGE_TASK, str(data.get("base_model") or ""),
+                       allow_unsafe_pickle=bool(data.get("allow_unsafe_pickle")))
         record = self.index.get(name) if self.index else None
         events = read_events(folder / "events.jsonl")
         finals = [e for e in events if e.kind in FINAL_KINDS]

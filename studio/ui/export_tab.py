@@ -154,7 +154,7 @@ def self_test(studio: Studio, name: str, path: str, adapter: str | None = None):
     target = Path(path.strip()) if path and path.strip() else info.adapter
     if target is None:
         raise StudioError(f"'{name}' has no adapter yet ({info.status}); give the path of a LoRA file to check.")
-    test = check_against_base(target, info.base_model)
+    test = check_against_base(target, info.base_model, allow_unsafe_pickle=info.allow_unsafe_pickle)
     text = f"{target.name}: {test.summary()}"
     return ok(text) if test.ok else error(text)
 

@@ -192,7 +192,8 @@ def generate_image(studio: Studio, base: str, lora1: str, strength1: float, lora
     picked = [(_image_adapter(studio, pick), s) for pick, s in mix]
     base = _base_model(studio, base, lora1 or (mix[0][0] if mix else None))
     image = studio.image_previewer.generate(base, [(str(a.path), s) for (_, a), s in picked], prompt or "",
-                                            negative or "", seed=int(seed or 0), steps=_steps(steps))
+                                            negative or "", seed=int(seed or 0), steps=_steps(steps),
+                                            allow_unsafe_pickle=_pickle_allowed(base, [i for (i, _), _ in picked]))
     mixed = ", ".join(f"{info.name} · {a.label} × {s:g}" for (info, a), s in picked) or "no LoRA"
     return ok(f"{Path(base).name} with {mixed}, seed {int(seed or 0)}."), image
 
@@ -210,7 +211,8 @@ def strength_sweep(studio: Studio, base: str, lora1: str, prompt: str, negative:
     base = _base_model(studio, base, lora1)
     image, layout = studio.image_previewer.strength_sweep(
         base, [(a.label, str(a.path)) for a in rows], prompt or "", negative or "", seed=seed, steps=_steps(steps),
-        strengths=columns, on_tile=lambda done, total: progress(done / total, desc=f"tile {done} of {total}"))
+        strengths=columns, on_tile=lambda done, total: progress(done / total, desc=f"tile {done} of {total}"),
+        allow_unsafe_pickle=_pickle_allowed(base, [info]))
     png = info.folder / "sweeps" / f"{info.name}-sweep-seed{seed}.png"
     with atomic_path(png) as tmp:
         image.save(tmp, format="PNG")
@@ -315,6 +317,11 @@ def _strengths(text: str | None) -> tuple[float, ...]:
         raise StudioError(f"Strengths '{text}': give 1 to {MAX_SWEEP_COLUMNS} numbers from 0 to {MAX_STRENGTH:g}, "
                           "separated by commas, e.g. 0, 0.5, 1.")
     return values
+
+
+def _pickle_allowed(base: str, runs: list[RunInfo]) -> bool:
+    """A pickle (.ckpt) base loads only for a run that opted in to it with `allow_unsafe_pickle` and trained on it."""
+    return any(info.allow_unsafe_pickle and info.base_model == base for info in runs)
 
 
 def _base_model(studio: Studio, base: str | None, pick: str | None) -> str:
