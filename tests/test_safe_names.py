@@ -175,9 +175,12 @@ def test_delete_run_deletes_exactly_that_run(app, layout, tmp_path):
     assert (studio.workspace.runs / "not-a-run").is_dir() and (layout / "outside" / "victim" / "a.png").is_file()
 
 
-def test_symlinked_runs_are_not_indexed(layout):
+def test_links_leaving_the_workspace_are_not_offered(app, layout):
+    _, studio = app
     names = {r.name for r in RunIndex(layout / "ws").list()}
-    assert "kept" in names and "linked" not in names
+    assert "kept" in names and "linked" not in names  # its config.yaml is not read through the link
+    assert "linked" not in studio.run_choices() and "datasets/linked" not in dict(studio.dataset_choices()).values()
+    assert "datasets/target" in dict(studio.dataset_choices()).values()
 
 
 def test_tag_editor_refuses_a_metadata_link_leaving_the_workspace(app, layout):
