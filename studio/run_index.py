@@ -98,18 +98,21 @@ class RunIndex:
         """A connection inside `BEGIN IMMEDIATE`. While another process writes it retries for BUSY_SECONDS (saying
         so once); an unreadable file is set aside and rebuilt first."""
         self.root.mkdir(parents=True, exist_ok=True)
-        deadline, said = time.monotonic() + BUSY_SECONDS, False
+        deadline, said, set_aside = time.monotonic() + BUSY_SECONDS, False, False
         while True:
-            con = sqlite3.connect(self.path, timeout=0.5, isolation_level=None)
-            con.row_factory = sqlite3.Row
+            con = None
             try:
+                con = sqlite3.connect(self.path, timeout=0.5, isolation_level=None)
+                con.row_factory = sqlite3.Row
                 self._begin(con)
                 return con
             except sqlite3.DatabaseError as exc:
-                con.close()
-                if _unreadable(exc):
+                if con is not None:
+                    con.close()
+                if _unreadable(exc) and not set_aside:
                     self._set_aside(exc)
-                elif "locked" not in str(exc) and "busy" not in str(exc):
+                    set_aside = True
+                elif _unreadable(exc) or ("locked" not in str(exc) and "busy" not in str(exc)):
                     raise StudioError(f"The run index {self.path} cannot be used ({exc}).") from None
                 elif time.monotonic() > deadline:
                     raise StudioError(f"The run index {self.path} is busy: another studio or train.py has been "
@@ -138,6 +141,10 @@ class RunIndex:
                 os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
             except FileNotFoundError:  # no such file, or another process moved it first
                 pass
+            except OSError as move_error:
+                raise StudioError(f"The run index {self.path} cannot be read ({exc}) nor moved aside ({move_error}). "
+                                  "Move it away yourself: it is rebuilt from the run folders (only the queue is "
+                                  "lost).") from None
         self._checked = False
         self.sync()
         log.warning("The run index %s could not be read (%s): moved it to %s and rebuilt it from the run folders "
