@@ -1,21 +1,16 @@
 """Chroma on a tiny random ChromaPipeline (real class and names, blocks shrunk): recognised from a folder, a hub id and
 its single files; planned at full size from the shipped configs; trained, exported, reloaded into diffusers."""
 
-import logging
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from studio.config import config_from_dict
 from studio.errors import StudioError
 from studio.families import detect_family, get_family
-from studio.loop import train
 from studio.models import CONFIG_ROOT
-from tests.test_image_training import solid_colours
+from tests.family_checks import assert_lora_reloads, assert_resume_matches_uninterrupted_run, train_and_read_export
 
 CHROMA = get_family("chroma")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -46,10 +41,10 @@ def tiny(tmp_path_factory):
     return build_tiny_chroma(tmp_path_factory.mktemp("chroma") / "tiny-chroma")
 
 
-def render(pipe, **extra):
+def render(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe("a red picture", num_inference_steps=2, height=64, width=64, max_sequence_length=16,
-                output_type="np", generator=torch.Generator().manual_seed(0), **extra).images
+                output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 
 def test_recognised_from_folder_and_hub_id(tiny):
@@ -117,62 +112,15 @@ def test_planned_at_full_size_on_the_usual_cards():
     assert fit_reference("Chroma", 8).cfg.load_in_4bit
 
 
-@pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("chroma-run")
-    cfg = config_from_dict({"base_model": str(tiny), "train_data_dir": str(solid_colours(tmp / "colours")),
-                            "output_dir": str(tmp / "run"), "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2,
-                            "max_train_steps": 2, "batch_size": 2, "sample_every_steps": 2,
-                            "sample_inference_steps": 2, "sample_prompts": ["a red picture"]})
-    return cfg, train(cfg)
-
-
-def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, trained, caplog):
-    cfg, result = trained
-    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
-    assert list(Path(cfg.output_dir).rglob("step-*.png"))  # sampled from the pre-encoded prompt (prompt_inputs)
-    with safe_open(str(result.files[0]), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):
+    result, meta, tensors = train_and_read_export(tiny, tmp_path)  # sampled from the pre-encoded prompt
     assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("chroma/lora", "chroma")
     assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
     assert meta["studio_selftest"].startswith("all 36 keys load")  # 18 modules: the blocks' Linears + proj_out
     assert all(k.startswith("transformer.") and ".lora_" in k for k in tensors)
     assert {comfy_name(k) for k in tensors} <= COMFY_FLUX_NAMES  # no "lora key not loaded" in ComfyUI
-    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)  # B starts at zero: it trained
-
-    pipe = ChromaPipeline.from_pretrained(tiny)
-    base = render(pipe)
-    with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(str(result.files[0]), adapter_name="chroma")
-    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()]
-    pipe.set_adapters(["chroma"], [0.0])
-    assert torch.equal(torch.as_tensor(render(pipe)), torch.as_tensor(base))
-    pipe.set_adapters(["chroma"], [1.0])
-    assert (torch.as_tensor(render(pipe)) - torch.as_tensor(base)).abs().max() > 1e-3
+    assert_lora_reloads(ChromaPipeline.from_pretrained(tiny), render, result.files[0], caplog)
 
 
 def test_resume_matches_uninterrupted_run(tiny, tmp_path):
-    import threading
-
-    from safetensors.torch import load_file
-
-    from studio.events import EventSink
-
-    data = solid_colours(tmp_path / "colours")
-
-    def config(out, **extra):
-        return config_from_dict({"base_model": str(tiny), "train_data_dir": str(data), "output_dir": str(out),
-                                 "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 4,
-                                 "batch_size": 2, "save_steps": 2, "caption_dropout": 0.25, "sample_every_steps": 0,
-                                 "sample_prompts": [], **extra})
-
-    full = train(config(tmp_path / "full"))
-    stop = threading.Event()
-    first = train(config(tmp_path / "part"), EventSink([lambda e: e.kind == "progress" and e.step == 2 and stop.set()]),
-                  stop)
-    assert first.stopped and first.step == 2
-    resumed = train(config(tmp_path / "part", resume_from="latest"))
-    a, b = load_file(str(full.files[0])), load_file(str(resumed.files[0]))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_resume_matches_uninterrupted_run(tiny, tmp_path)

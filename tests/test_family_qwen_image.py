@@ -2,23 +2,15 @@
 toy-width Wan-style VAE): recognised from a folder, a hub id and its single files; planned at full size from the
 shipped configs; trained, exported, reloaded into diffusers."""
 
-import logging
-import threading
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from studio.config import config_from_dict
 from studio.errors import StudioError
-from studio.events import EventSink
 from studio.families import detect_family, get_family
-from studio.loop import train
 from studio.models import CONFIG_ROOT
-from tests.test_image_training import solid_colours
+from tests.family_checks import assert_lora_reloads, assert_resume_matches_uninterrupted_run, train_and_read_export
 
 QWEN_IMAGE = get_family("qwen_image")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -89,47 +81,14 @@ def test_planned_at_full_size_on_the_usual_cards():
         assert fitted.cfg.resolution == 1024
 
 
-def config(model, data, out, **extra):
-    return config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
-                             "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 2,
-                             "batch_size": 2, "sample_every_steps": 0, "sample_prompts": [], **extra})
-
-
 def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):
-    cfg = config(tiny, solid_colours(tmp_path / "colours"), tmp_path / "run", sample_every_steps=2,
-                 sample_inference_steps=2, sample_prompts=["a red picture"])
-    result = train(cfg)
-    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
-    assert list(Path(cfg.output_dir).rglob("step-*.png"))  # true CFG from the pre-encoded prompt and negative
-    with safe_open(str(result.files[0]), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    result, meta, tensors = train_and_read_export(tiny, tmp_path)  # sampled with true CFG, prompt and negative
     assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("Qwen-Image/lora", "qwen_image")
     assert meta["studio_selftest"].startswith("all 48 keys load")  # 2 blocks × 12 attention / MLP Linears
     assert all(k.startswith("transformer.transformer_blocks.") and ".lora_" in k for k in tensors)
     assert not any("_mod." in k for k in tensors)  # the modulation stays untouched, as in musubi-tuner
-    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)
-
-    pipe = QwenImagePipeline.from_pretrained(tiny)
-    base = render(pipe)
-    with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(str(result.files[0]), adapter_name="q")
-    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()]
-    pipe.set_adapters(["q"], [0.0])
-    assert torch.equal(torch.as_tensor(render(pipe)), torch.as_tensor(base))
-    pipe.set_adapters(["q"], [1.0])
-    assert (torch.as_tensor(render(pipe)) - torch.as_tensor(base)).abs().max() > 1e-4
+    assert_lora_reloads(QwenImagePipeline.from_pretrained(tiny), render, result.files[0], caplog, min_change=1e-4)
 
 
 def test_resume_matches_uninterrupted_run(tiny, tmp_path):
-    data = solid_colours(tmp_path / "colours")
-    common = {"max_train_steps": 4, "save_steps": 2, "caption_dropout": 0.25}
-    full = train(config(tiny, data, tmp_path / "full", **common))
-    stop = threading.Event()
-    first = train(config(tiny, data, tmp_path / "part", **common),
-                  EventSink([lambda e: e.kind == "progress" and e.step == 2 and stop.set()]), stop)
-    assert first.stopped and first.step == 2
-    resumed = train(config(tiny, data, tmp_path / "part", resume_from="latest", **common))
-    a, b = load_file(str(full.files[0])), load_file(str(resumed.files[0]))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_resume_matches_uninterrupted_run(tiny, tmp_path)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from studio.families import Family, Shapes, register
 from studio.families.flux1 import FluxRecipe
+from studio.models import CONFIG_ROOT
+from studio.models.transformer_single_file import TransformerFile
 from studio.tasks import IMAGE_TASK
 
 if TYPE_CHECKING:
@@ -128,14 +130,9 @@ def config_overrides(t: Shapes) -> dict:
                                         if k.startswith("distilled_guidance_layer.layers.")})}
 
 
-def load_single_file(path, **kwargs):
-    from studio.models import CONFIG_ROOT
-    from studio.models.transformer_single_file import TransformerFile, load_transformer_single_file
-
-    spec = TransformerFile(label="Chroma", pipeline="ChromaPipeline", transformer="ChromaTransformer2DModel",
-                           config_dir=CONFIG_ROOT / "chroma", default_components="lodestones/Chroma1-HD",
-                           to_diffusers=to_diffusers, overrides=config_overrides)
-    return load_transformer_single_file(spec, path, **kwargs)
+load_single_file = TransformerFile(label="Chroma", pipeline="ChromaPipeline", transformer="ChromaTransformer2DModel",
+                                   config_dir=CONFIG_ROOT / "chroma", default_components="lodestones/Chroma1-HD",
+                                   to_diffusers=to_diffusers, overrides=config_overrides)
 
 
 register(Family(

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from studio.families import Family, Shapes, register
 from studio.families.flux1 import FluxRecipe
+from studio.models import CONFIG_ROOT
+from studio.models.transformer_single_file import TransformerFile
 from studio.tasks import IMAGE_TASK
 
 if TYPE_CHECKING:
@@ -154,15 +156,11 @@ def _count(t: Shapes, prefix: str) -> int:
     return len({k[len(prefix):].split(".", 1)[0] for k in t if k.startswith(prefix)})
 
 
-def load_single_file(path, **kwargs):
-    from studio.models import CONFIG_ROOT
-    from studio.models.transformer_single_file import TransformerFile, load_transformer_single_file
-
-    spec = TransformerFile(label="FLUX.2 klein", pipeline="Flux2KleinPipeline", transformer="Flux2Transformer2DModel",
-                           config_dir=CONFIG_ROOT / "flux2-klein-4b",
-                           default_components="black-forest-labs/FLUX.2-klein-4B", to_diffusers=to_diffusers,
-                           overrides=config_overrides)
-    return load_transformer_single_file(spec, path, **kwargs)
+load_single_file = TransformerFile(label="FLUX.2 klein", pipeline="Flux2KleinPipeline",
+                                   transformer="Flux2Transformer2DModel",
+                                   config_dir=CONFIG_ROOT / "flux2-klein-4b",
+                                   default_components="black-forest-labs/FLUX.2-klein-4B", to_diffusers=to_diffusers,
+                                   overrides=config_overrides)
 
 
 register(Family(

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from studio.families import Family, Shapes, register
 from studio.families.flux1 import FluxRecipe
+from studio.models import CONFIG_ROOT
+from studio.models.transformer_single_file import TransformerFile
 from studio.tasks import IMAGE_TASK
 
 if TYPE_CHECKING:
@@ -139,24 +141,20 @@ def recognise(shapes: Shapes, name: str) -> bool:
     return True
 
 
-def load_single_file(path, **kwargs):
-    """ComfyUI's qwen_image_bf16.safetensors: the transformer in diffusers' own names (bare or under
-    model.diffusion_model.), the text encoder, VAE and tokenizer from base_components."""
-    from studio.models import CONFIG_ROOT
-    from studio.models.transformer_single_file import TransformerFile, load_transformer_single_file
-
-    spec = TransformerFile(label="Qwen-Image", pipeline="QwenImagePipeline", transformer="QwenImageTransformer2DModel",
-                           config_dir=CONFIG_ROOT / "qwen-image", default_components="Qwen/Qwen-Image",
-                           to_diffusers=dict, overrides=config_overrides)
-    return load_transformer_single_file(spec, path, **kwargs)
-
-
 def config_overrides(t: Shapes) -> dict:
     inner, in_channels = t["img_in.weight"]
     head = t["transformer_blocks.0.attn.norm_q.weight"][0]
     return {"num_layers": len({k.split(".")[1] for k in t if k.startswith("transformer_blocks.")}),
             "attention_head_dim": head, "num_attention_heads": inner // head, "in_channels": in_channels,
             "out_channels": t["proj_out.weight"][0] // 4, "joint_attention_dim": t["txt_in.weight"][1]}
+
+
+# ComfyUI's qwen_image_bf16.safetensors: the transformer in diffusers' own names (bare or under
+# model.diffusion_model.), the text encoder, VAE and tokenizer from base_components.
+load_single_file = TransformerFile(label="Qwen-Image", pipeline="QwenImagePipeline",
+                                   transformer="QwenImageTransformer2DModel",
+                                   config_dir=CONFIG_ROOT / "qwen-image", default_components="Qwen/Qwen-Image",
+                                   to_diffusers=dict, overrides=config_overrides)
 
 
 register(Family(

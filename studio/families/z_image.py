@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 from studio.families import Family, Shapes, register
 from studio.families.flux1 import FluxRecipe
+from studio.models import CONFIG_ROOT
+from studio.models.transformer_single_file import TransformerFile
 from studio.tasks import IMAGE_TASK
 
 if TYPE_CHECKING:
@@ -159,14 +161,10 @@ def _count(t: Shapes, prefix: str) -> int:
     return len({k[len(prefix):].split(".", 1)[0] for k in t if k.startswith(prefix)})
 
 
-def load_single_file(path, **kwargs):
-    from studio.models import CONFIG_ROOT
-    from studio.models.transformer_single_file import TransformerFile, load_transformer_single_file
-
-    spec = TransformerFile(label="Z-Image", pipeline="ZImagePipeline", transformer="ZImageTransformer2DModel",
-                           config_dir=CONFIG_ROOT / "z-image-turbo", default_components="Tongyi-MAI/Z-Image-Turbo",
-                           to_diffusers=to_diffusers, overrides=config_overrides)
-    return load_transformer_single_file(spec, path, **kwargs)
+load_single_file = TransformerFile(label="Z-Image", pipeline="ZImagePipeline", transformer="ZImageTransformer2DModel",
+                                   config_dir=CONFIG_ROOT / "z-image-turbo",
+                                   default_components="Tongyi-MAI/Z-Image-Turbo",
+                                   to_diffusers=to_diffusers, overrides=config_overrides)
 
 
 register(Family(

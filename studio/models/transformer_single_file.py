@@ -32,6 +32,10 @@ class TransformerFile:
     to_diffusers: Callable[[dict], dict]  # the file's transformer tensors (no prefix) → diffusers names
     overrides: Callable[[Mapping[str, tuple]], dict]  # the file's shapes (no prefix) → transformer config values
 
+    def __call__(self, path, **kwargs):
+        """The family's `single_file_loader`: its module binds its spec to `load_single_file`."""
+        return load_transformer_single_file(self, path, **kwargs)
+
 
 def transformer_shapes(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
     """The denoiser's tensor shapes with ComfyUI's `model.diffusion_model.` prefix removed (a bare file as it is)."""

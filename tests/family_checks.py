@@ -1,0 +1,64 @@
+"""The steps every diffusion family's tests take on its tiny model: train two steps and read the export, reload the
+LoRA into the family's diffusers pipeline, resume a stopped run. What differs per family (its render call, its key
+names, its header) stays in its test module."""
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from studio.config import config_from_dict
+from studio.events import EventSink
+from studio.loop import train
+from tests.test_image_training import solid_colours
+
+
+def tiny_config(model, data, out, **extra):
+    return config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
+                             "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 2,
+                             "batch_size": 2, "sample_every_steps": 0, "sample_prompts": [], **extra})
+
+
+def train_and_read_export(model, tmp: Path):
+    """Two steps with a sample at the last one; the run trained (finite loss, a sample image, a LoRA B moved off its
+    zero start). Returns the result and the exported file's header and tensors."""
+    cfg = tiny_config(model, solid_colours(tmp / "colours"), tmp / "run", sample_every_steps=2,
+                      sample_inference_steps=2, sample_prompts=["a red picture"])
+    result = train(cfg)
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.last_loss))
+    assert list(Path(cfg.output_dir).rglob("step-*.png"))
+    with safe_open(str(result.files[0]), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k)
+    return result, meta, tensors
+
+
+def assert_lora_reloads(pipe, render, lora_file, caplog, min_change: float = 1e-3):
+    """diffusers loads every key; at weight 0 the render is the base model's, at weight 1 it changes."""
+    base = torch.as_tensor(render(pipe))
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(lora_file), adapter_name="trained")
+    assert not [r for r in caplog.records if "unexpected key" in r.getMessage().lower()]
+    pipe.set_adapters(["trained"], [0.0])
+    assert torch.equal(torch.as_tensor(render(pipe)), base)
+    pipe.set_adapters(["trained"], [1.0])
+    assert (torch.as_tensor(render(pipe)) - base).abs().max() > min_change
+
+
+def assert_resume_matches_uninterrupted_run(model, tmp: Path):
+    """A run stopped at its step-2 save and resumed ends with the weights of one that ran through."""
+    data = solid_colours(tmp / "colours")
+    common = {"max_train_steps": 4, "save_steps": 2, "caption_dropout": 0.25}
+    full = train(tiny_config(model, data, tmp / "full", **common))
+    stop = threading.Event()
+    first = train(tiny_config(model, data, tmp / "part", **common),
+                  EventSink([lambda e: e.kind == "progress" and e.step == 2 and stop.set()]), stop)
+    assert first.stopped and first.step == 2
+    resumed = train(tiny_config(model, data, tmp / "part", resume_from="latest", **common))
+    a, b = load_file(str(full.files[0])), load_file(str(resumed.files[0]))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
