@@ -1,6 +1,6 @@
-"""The steps every diffusion family's tests take on its tiny model: train two steps and read the export, reload the
-LoRA into the family's diffusers pipeline, resume a stopped run. What differs per family (its render call, its key
-names, its header) stays in its test module."""
+"""The steps every diffusion family's tests take on its tiny model: load its single file, refuse a variant, train two
+steps and read the export, reload the LoRA into the family's diffusers pipeline, resume a stopped run. What differs
+per family (its render call, its key names, its header) stays in its test module."""
 
 import logging
 import threading
@@ -8,12 +8,32 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from studio.config import config_from_dict
 from studio.events import EventSink
 from studio.loop import train
 from tests.test_image_training import solid_colours
+
+
+def assert_single_file_loads(tiny: Path, path: Path, family, pipeline_class):
+    """The file is recognised as `family`; its pipeline, the rest from the tiny folder, holds the folder's weights."""
+    from studio.families import detect_family
+    from studio.models.pipelines import load_pipeline
+
+    assert detect_family("image-generation", str(path)) is family
+    pipe, loaded = load_pipeline(str(path), components=str(tiny))
+    ours, ref = pipe.transformer.state_dict(), pipeline_class.from_pretrained(tiny).transformer.state_dict()
+    assert loaded is family and isinstance(pipe, pipeline_class) and set(ours) == set(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def add_tensor(path: Path, key: str) -> Path:
+    """The checkpoint with one more (small) tensor: the key a variant of the family is told apart by."""
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, key: torch.zeros(2, 2)}, str(path))
+    return path
 
 
 def tiny_config(model, data, out, **extra):

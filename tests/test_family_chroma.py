@@ -4,13 +4,12 @@ its single files; planned at full size from the shipped configs; trained, export
 import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
-from tests.family_checks import assert_lora_reloads, assert_resume_matches_uninterrupted_run, train_and_read_export
+from tests.family_checks import (add_tensor, assert_lora_reloads, assert_resume_matches_uninterrupted_run,
+                                 assert_single_file_loads, train_and_read_export)
 
 CHROMA = get_family("chroma")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -56,11 +55,7 @@ def test_recognised_from_folder_and_hub_id(tiny):
 def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
     """Chroma's own file layout (BFL names, pruned modulations), bare or as ComfyUI saves it."""
     path = write_chroma_checkpoint(tiny, tmp_path / "chroma1-hd.safetensors", prefix)
-    assert detect_family("image-generation", str(path)) is CHROMA
-    pipe, family = load_pipeline(str(path), components=str(tiny))
-    ours, ref = pipe.transformer.state_dict(), ChromaPipeline.from_pretrained(tiny).transformer.state_dict()
-    assert family is CHROMA and isinstance(pipe, ChromaPipeline) and set(ours) == set(ref)
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert_single_file_loads(tiny, path, CHROMA, ChromaPipeline)
 
 
 def test_single_file_without_components_says_how_to_get_them(tiny, tmp_path):
@@ -71,9 +66,7 @@ def test_single_file_without_components_says_how_to_get_them(tiny, tmp_path):
 
 def test_radiance_is_refused_with_what_it_is(tiny, tmp_path):
     path = write_chroma_checkpoint(tiny, tmp_path / "radiance.safetensors")
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file({**tensors, "nerf_image_embedder.embedder.0.weight": torch.zeros(2, 2)}, str(path))
+    add_tensor(path, "nerf_image_embedder.embedder.0.weight")
     with pytest.raises(StudioError, match="Chroma Radiance, a pixel-space model"):
         load_pipeline(str(path), components=str(tiny))
 

@@ -5,13 +5,12 @@ full size from the shipped configs; trained, exported, reloaded into diffusers."
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
-from tests.family_checks import assert_lora_reloads, assert_resume_matches_uninterrupted_run, train_and_read_export
+from tests.family_checks import (add_tensor, assert_lora_reloads, assert_resume_matches_uninterrupted_run,
+                                 assert_single_file_loads, train_and_read_export)
 
 KLEIN = get_family("flux2_klein")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -50,18 +49,11 @@ def test_recognised_from_folder_and_hub_ids(tiny):
 @pytest.mark.parametrize("prefix", ["", COMFY])
 def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
     path = write_flux2_checkpoint(tiny, tmp_path / "flux-2-klein-base-4b.safetensors", prefix)
-    assert detect_family("image-generation", str(path)) is KLEIN
-    pipe, family = load_pipeline(str(path), components=str(tiny))
-    ours, ref = pipe.transformer.state_dict(), Flux2KleinPipeline.from_pretrained(tiny).transformer.state_dict()
-    assert family is KLEIN and isinstance(pipe, Flux2KleinPipeline) and set(ours) == set(ref)
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert_single_file_loads(tiny, path, KLEIN, Flux2KleinPipeline)
 
 
 def test_flux2_dev_is_refused_with_what_it_is(tiny, tmp_path):
-    path = write_flux2_checkpoint(tiny, tmp_path / "flux2-dev.safetensors")
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file({**tensors, "guidance_in.in_layer.weight": torch.zeros(2, 2)}, str(path))
+    path = add_tensor(write_flux2_checkpoint(tiny, tmp_path / "flux2-dev.safetensors"), "guidance_in.in_layer.weight")
     with pytest.raises(StudioError, match=r"FLUX.2 \[dev\]"):
         load_pipeline(str(path), components=str(tiny))
 

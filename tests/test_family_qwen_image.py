@@ -5,12 +5,12 @@ shipped configs; trained, exported, reloaded into diffusers."""
 import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-from safetensors import safe_open
 
 from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
-from tests.family_checks import assert_lora_reloads, assert_resume_matches_uninterrupted_run, train_and_read_export
+from tests.family_checks import (assert_lora_reloads, assert_resume_matches_uninterrupted_run,
+                                 assert_single_file_loads, train_and_read_export)
 
 QWEN_IMAGE = get_family("qwen_image")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -39,11 +39,7 @@ def test_recognised_from_folder_and_hub_id(tiny):
 @pytest.mark.parametrize("prefix", ["", COMFY])
 def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
     path = write_qwen_image_checkpoint(tiny, tmp_path / "qwen_image_bf16.safetensors", prefix)
-    assert detect_family("image-generation", str(path)) is QWEN_IMAGE
-    pipe, family = load_pipeline(str(path), components=str(tiny))
-    ours, ref = pipe.transformer.state_dict(), QwenImagePipeline.from_pretrained(tiny).transformer.state_dict()
-    assert family is QWEN_IMAGE and isinstance(pipe, QwenImagePipeline) and set(ours) == set(ref)
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert_single_file_loads(tiny, path, QWEN_IMAGE, QwenImagePipeline)
 
 
 def test_edit_model_is_refused_by_name(tiny, tmp_path):

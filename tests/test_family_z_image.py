@@ -5,13 +5,12 @@ exported, reloaded into diffusers; sampled at Turbo's and the base model's defau
 import pytest
 import torch
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
-from tests.family_checks import assert_lora_reloads, assert_resume_matches_uninterrupted_run, train_and_read_export
+from tests.family_checks import (add_tensor, assert_lora_reloads, assert_resume_matches_uninterrupted_run,
+                                 assert_single_file_loads, train_and_read_export)
 
 Z_IMAGE = get_family("z_image")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -53,18 +52,11 @@ def test_recognised_from_folder_and_hub_ids(tiny):
 def test_single_file_loads_with_components_folder(tiny, tmp_path, prefix):
     """ComfyUI's layout (fused qkv, x_embedder, final_layer), bare or as ComfyUI saves a checkpoint."""
     path = write_z_image_checkpoint(tiny, tmp_path / "z_image_turbo_bf16.safetensors", prefix)
-    assert detect_family("image-generation", str(path)) is Z_IMAGE
-    pipe, family = load_pipeline(str(path), components=str(tiny))
-    ours, ref = pipe.transformer.state_dict(), ZImagePipeline.from_pretrained(tiny).transformer.state_dict()
-    assert family is Z_IMAGE and isinstance(pipe, ZImagePipeline) and set(ours) == set(ref)
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert_single_file_loads(tiny, path, Z_IMAGE, ZImagePipeline)
 
 
 def test_image_conditioned_variants_are_refused(tiny, tmp_path):
-    path = write_z_image_checkpoint(tiny, tmp_path / "omni.safetensors")
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file({**tensors, "siglip_embedder.0.weight": torch.zeros(2, 2)}, str(path))
+    path = add_tensor(write_z_image_checkpoint(tiny, tmp_path / "omni.safetensors"), "siglip_embedder.0.weight")
     with pytest.raises(StudioError, match="Z-Image Omni / ControlNet"):
         load_pipeline(str(path), components=str(tiny))
 
