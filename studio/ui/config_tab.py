@@ -123,18 +123,23 @@ def config_tab(studio: Studio) -> ConfigTab:
     yaml_box.change(partial(save_draft, studio), yaml_box, None, api_visibility="private", show_progress="hidden",
                     trigger_mode="always_last")
     _connect_files(studio, tab, files, memory)
-    # YAML → form on every change (typing, Fill, Load, a form edit); form → YAML only on the user's own edits
-    # (input / blur / submit), so the form's own updates never loop back.
+    guard.track_edits(yaml_box)
+    _connect_form(studio, tab, form, form_status, memory)
+    return tab
+
+
+def _connect_form(studio: Studio, tab: ConfigTab, form: dict, form_status: gr.Markdown, memory: gr.Markdown) -> None:
+    """YAML → form on every change (typing, Fill, Load, a form edit); form → YAML only on the user's own edits
+    (input / blur / submit), so the form's own updates never loop back; a form edit refreshes the memory plan."""
+    yaml_box, edited = tab.yaml, tab.guard.edited
     yaml_box.change(yaml_to_form, yaml_box, [form_status, *form.values()], api_name="config_form",
                     show_progress="hidden")
-    guard.track_edits(yaml_box)
     for key, widget in form.items():
         triggers = [widget.input] if isinstance(widget, (gr.Dropdown, gr.Checkbox)) else [widget.blur, widget.submit]
-        gr.on(triggers, partial(form_edit, key), [widget, yaml_box], [form_status, yaml_box, guard.edited],
+        gr.on(triggers, partial(form_edit, key), [widget, yaml_box], [form_status, yaml_box, edited],
               api_visibility="private", show_progress="hidden").then(
-            partial(refresh_plan, studio), [yaml_box, guard.edited], memory, api_visibility="private",
+            partial(refresh_plan, studio), [yaml_box, edited], memory, api_visibility="private",
             show_progress="hidden")
-    return tab
 
 
 def _file_controls(studio: Studio) -> _Files:
