@@ -36,6 +36,23 @@ def add_tensor(path: Path, key: str) -> Path:
     return path
 
 
+def comfy_name(key: str) -> str:
+    """`transformer.<module>.lora_A.weight` → the module name ComfyUI looks up (after its `transformer.` prefix)."""
+    return key.removeprefix("transformer.").split(".lora_")[0]
+
+
+def fit_at_full_size(label: str, cards: tuple[int, ...]) -> list:
+    """The family's reference model (its shipped configs, traced on the meta device) fitted to each card: it fits,
+    at the native 1024 px."""
+    from studio.plan.reference import fit_reference
+
+    fits = [fit_reference(label, card) for card in cards]
+    for card, fitted in zip(cards, fits):
+        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
+        assert fitted.cfg.resolution == 1024
+    return fits
+
+
 def tiny_config(model, data, out, **extra):
     return config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(out),
                              "resolution": 64, "lora_rank": 4, "learning_rate": 1e-2, "max_train_steps": 2,

@@ -9,7 +9,7 @@ from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
 from tests.family_checks import (add_tensor, assert_lora_reloads, assert_resume_matches_uninterrupted_run,
-                                 assert_single_file_loads, train_and_read_export)
+                                 assert_single_file_loads, comfy_name, fit_at_full_size, train_and_read_export)
 
 CHROMA = get_family("chroma")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -28,11 +28,6 @@ COMFY_FLUX_NAMES = {
     *(f"single_transformer_blocks.0.{name}" for name in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp",
                                                          "proj_out")),
     "proj_out"}
-
-
-def comfy_name(key: str) -> str:
-    """`transformer.<module>.lora_A.weight` → the module name ComfyUI looks up (after its `transformer.` prefix)."""
-    return key.removeprefix("transformer.").split(".lora_")[0]
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +91,9 @@ def test_shipped_configs_are_chroma1_hd():
 
 @pytest.mark.slow  # traces the 8.9 B transformer at 1024 px on the meta device
 def test_planned_at_full_size_on_the_usual_cards():
-    from studio.plan.reference import fit_reference
-
-    for card in (24, 12, 8):
-        fitted = fit_reference("Chroma", card)
-        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
-        assert fitted.cfg.resolution == 1024 and fitted.cfg.effective_alpha == fitted.cfg.lora_rank
-    assert fit_reference("Chroma", 8).cfg.load_in_4bit
+    fits = fit_at_full_size("Chroma", (24, 12, 8))
+    assert all(fitted.cfg.effective_alpha == fitted.cfg.lora_rank for fitted in fits)
+    assert fits[-1].cfg.load_in_4bit  # 8 GB
 
 
 def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):

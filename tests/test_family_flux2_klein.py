@@ -10,7 +10,7 @@ from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
 from tests.family_checks import (add_tensor, assert_lora_reloads, assert_resume_matches_uninterrupted_run,
-                                 assert_single_file_loads, train_and_read_export)
+                                 assert_single_file_loads, comfy_name, fit_at_full_size, train_and_read_export)
 
 KLEIN = get_family("flux2_klein")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -80,19 +80,14 @@ def test_shipped_config_and_file_layout_at_full_width(size, text_width, params):
 
 @pytest.mark.slow  # traces the 3.9 B transformer at 1024 px on the meta device
 def test_planned_at_full_size_on_the_usual_cards():
-    from studio.plan.reference import fit_reference
-
-    for card in (24, 12, 8):
-        fitted = fit_reference("FLUX.2 klein", card)
-        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
-        assert fitted.cfg.resolution == 1024
+    fit_at_full_size("FLUX.2 klein", (24, 12, 8))
 
 
 def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):
     result, meta, tensors = train_and_read_export(tiny, tmp_path)  # the base model's guided sample, pre-encoded
     assert meta["modelspec.architecture"] == "Flux.2-klein-4b/lora"
     assert meta["studio_selftest"].startswith("all 26 keys load")  # 12 double-block Linears + the fused single one
-    assert {k.removeprefix("transformer.").split(".lora_")[0] for k in tensors} <= COMFY_FLUX2_NAMES
+    assert {comfy_name(k) for k in tensors} <= COMFY_FLUX2_NAMES
     assert_lora_reloads(Flux2KleinPipeline.from_pretrained(tiny), render, result.files[0], caplog)
 
 

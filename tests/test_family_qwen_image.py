@@ -9,8 +9,8 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
-from tests.family_checks import (assert_lora_reloads, assert_resume_matches_uninterrupted_run,
-                                 assert_single_file_loads, train_and_read_export)
+from tests.family_checks import (assert_lora_reloads, assert_resume_matches_uninterrupted_run, assert_single_file_loads,
+                                 fit_at_full_size, train_and_read_export)
 
 QWEN_IMAGE = get_family("qwen_image")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -69,12 +69,7 @@ def test_shipped_configs_are_qwen_image():
 @pytest.mark.slow  # traces the 20 B transformer at 1024 px on the meta device
 def test_planned_at_full_size_on_the_usual_cards():
     """musubi-tuner: 1024 px needs 24 GB with 16 of 60 blocks swapped, 12 GB with 45; the fit gets there too."""
-    from studio.plan.reference import fit_reference
-
-    for card in (24, 16, 12):
-        fitted = fit_reference("Qwen-Image", card)
-        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
-        assert fitted.cfg.resolution == 1024
+    fit_at_full_size("Qwen-Image", (24, 16, 12))
 
 
 def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):

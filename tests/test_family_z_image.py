@@ -10,7 +10,7 @@ from studio.errors import StudioError
 from studio.families import detect_family, get_family
 from studio.models import CONFIG_ROOT
 from tests.family_checks import (add_tensor, assert_lora_reloads, assert_resume_matches_uninterrupted_run,
-                                 assert_single_file_loads, train_and_read_export)
+                                 assert_single_file_loads, comfy_name, fit_at_full_size, train_and_read_export)
 
 Z_IMAGE = get_family("z_image")  # the registry first: it keeps the families in FAMILY_MODULES order
 
@@ -24,10 +24,6 @@ COMFY = "model.diffusion_model."
 COMFY_Z_IMAGE_NAMES = {f"{block}.0.{layer}" for block in ("layers", "context_refiner", "noise_refiner")
                        for layer in ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                                      "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0")}
-
-
-def comfy_name(key: str) -> str:
-    return key.removeprefix("transformer.").split(".lora_")[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +87,8 @@ def test_sampling_defaults_tell_turbo_from_base(tiny):
 
 @pytest.mark.slow  # traces the 6 B transformer at 1024 px on the meta device
 def test_planned_at_full_size_on_the_usual_cards():
-    from studio.plan.reference import fit_reference
-
-    for card in (24, 12, 8):
-        fitted = fit_reference("Z-Image", card)
-        assert fitted.plan.fits and fitted.plan.peak_gb <= card, (card, fitted.plan.peak_gb)
-        assert fitted.cfg.resolution == 1024 and fitted.cfg.effective_alpha == fitted.cfg.lora_rank
+    fits = fit_at_full_size("Z-Image", (24, 12, 8))
+    assert all(fitted.cfg.effective_alpha == fitted.cfg.lora_rank for fitted in fits)
 
 
 def test_trains_two_steps_and_exports_what_comfyui_and_diffusers_load(tiny, tmp_path, caplog):
