@@ -126,12 +126,14 @@ def _user_errors() -> Iterator[None]:
 # --- the table -------------------------------------------------------------------------------------------------------
 
 def runs_frame(studio: Studio) -> pd.DataFrame:
-    return pd.DataFrame([_row(r) for r in studio.index.list()], columns=COLUMNS)
+    places = {r.name: i for i, r in enumerate(studio.index.queued(), 1)}  # a queued job shows its turn: queued #2
+    return pd.DataFrame([_row(r, places.get(r.name)) for r in studio.index.list()], columns=COLUMNS)
 
 
-def _row(r: RunRecord) -> list:
+def _row(r: RunRecord, place: int | None = None) -> list:
     best = f"{r.best_val_loss:.4f} @ {r.best_val_step}" if r.best_val_loss is not None else ""
-    return [r.name, r.family, r.status, f"{r.step}/{r.total}" if r.total else "",
+    status = f"{r.status} #{place}" if place else r.status
+    return [r.name, r.family, status, f"{r.step}/{r.total}" if r.total else "",
             duration_text(r.seconds) if r.seconds is not None else "",
             f"{r.final_loss:.4f}" if r.final_loss is not None else "", best,
             _size(r.adapter_bytes) if r.adapter_bytes else "",
@@ -204,7 +206,9 @@ def _queue_again(studio: Studio, record: RunRecord, changes: dict) -> str:
 @reports_errors(outputs=1)
 def move_queued(studio: Studio, name: str, offset: int):
     studio.index.move(_record(studio, name).name, offset)
-    return ok(f"Moved '{name}' {'earlier' if offset < 0 else 'later'} in the queue.")
+    queue = [r.name for r in studio.index.queued()]
+    place = f": now #{queue.index(name) + 1} of {len(queue)}" if name in queue else ""
+    return ok(f"Moved '{name}' {'earlier' if offset < 0 else 'later'} in the queue{place} (see the status column).")
 
 
 @reports_errors(outputs=1)
