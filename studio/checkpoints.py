@@ -27,10 +27,12 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 @dataclass
 class Position:
-    """Where a run is: updates done, and the updates done in the current epoch (one per group of samples)."""
+    """Where a run is: updates done, the updates done in the current epoch (one per group of samples), and the
+    seconds trained to get here (summed over the sessions of a resumed run)."""
     step: int = 0
     epoch: int = 0
     update_in_epoch: int = 0
+    seconds: float = 0.0
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

@@ -265,16 +265,17 @@ def _job_from_record(record: RunRecord, index: RunIndex, fitted) -> _Job:
 def with_unique_name(index: RunIndex | None, cfg: RunConfig) -> tuple[RunConfig, str]:
     """`cfg` under a run name nobody has taken (`style-2`, `style-3`, ...), and a note saying so when it changed; a
     config resuming its own run keeps its name. Without an index (an output_dir outside a workspace) a folder that
-    holds anything is taken: a finished run is never trained over."""
+    holds anything gives way to the first name nothing has: a finished run is never trained over."""
     out = Path(cfg.output_dir)
     if cfg.resume_from:
         return cfg, ""
-    free = index.unique_name(out.name) if index else first_free_name(out.name, lambda n: _holds_files(out.with_name(n)))
+    if index:
+        free = index.unique_name(out.name)
+    elif out.is_dir() and any(out.iterdir()):
+        free = first_free_name(out.name, lambda name: out.with_name(name).exists())
+    else:  # free, empty, or a file in the way (the loop says so)
+        free = out.name
     if free == out.name:
         return cfg, ""
     return (replace(cfg, output_dir=str(out.with_name(free))),
             f"The run name '{out.name}' is taken, so this run is '{free}'.")
-
-
-def _holds_files(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))

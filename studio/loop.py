@@ -132,6 +132,7 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
         events.emit("log", message="No samples under distributed: fsdp (the model is split over the processes); "
                                    "try the adapter in the Preview tab.")
     started, start_step, last_loss, stopped = time.time(), pos.step, None, False
+    earlier = pos.seconds  # training time before a resume: a run's time is the sum of its sessions
     engine.train_mode(True)
     try:
         groups = run.groups()
@@ -159,15 +160,17 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
             if procs.should_stop(stop):  # all processes stop at the same update
                 stopped = True
                 break
-            run.save_on_schedule(now=run.requested(requests.save), seconds=time.time() - started)
+            pos.seconds = earlier + time.time() - started  # saved with a checkpoint, for a resume to add to
+            run.save_on_schedule(now=run.requested(requests.save), seconds=pos.seconds)
 
         if run.validated_step != pos.step:
             run.validate()  # once at the end, also of a stopped run
+        pos.seconds = earlier + time.time() - started
         run.save("stop" if stopped else "final")
         if not stopped and procs.renders_samples:
             emit_samples(engine, run.cfg, out, events, pos.step, total)
         measured = measure_peak(device, plan, events)
-        files = run.export(time.time() - started, measured)
+        files = run.export(earlier + time.time() - started, measured)
     finally:
         for listener in tensorboard:
             events.listeners.remove(listener)

@@ -79,7 +79,7 @@ def test_a_finished_run_is_never_trained_over(demo, tmp_path):
     """The config of a finished run, run again, trains beside it (`out-2`); resume_from=latest continues it."""
     cfg = tmp_path / "my.yaml"
     cfg.write_text(f"preset: demo-image\nbase_model: {demo.sd15}\ntrain_data_dir: {demo.images}\n"
-                   f"output_dir: {tmp_path / 'out'}\nmax_train_steps: 2\nsave_steps: 2\nsample_prompts: []\n")
+                   f"output_dir: {tmp_path / 'out'}\nmax_train_steps: 4\nsave_steps: 4\nsample_prompts: []\n")
     assert run("--config", str(cfg)).returncode == 0
     adapter = tmp_path / "out" / "out.safetensors"
     before = adapter.read_bytes(), (tmp_path / "out" / "events.jsonl").read_text()
@@ -88,9 +88,18 @@ def test_a_finished_run_is_never_trained_over(demo, tmp_path):
     assert f"so this run writes to {tmp_path / 'out-2'}" in again.stderr and "resume_from=latest" in again.stderr
     assert (adapter.read_bytes(), (tmp_path / "out" / "events.jsonl").read_text()) == before
     assert (tmp_path / "out-2" / "out-2.safetensors").is_file()
-    more = run("--config", str(cfg), "--set", "resume_from=latest", "max_train_steps=3")
+    first = training_seconds(adapter)
+    more = run("--config", str(cfg), "--set", "resume_from=latest", "max_train_steps=5")
     assert more.returncode == 0, more.stderr
-    assert "Done: step 3/3" in more.stdout and not (tmp_path / "out-3").exists()
+    assert "Done: step 5/5" in more.stdout and not (tmp_path / "out-3").exists()
+    assert training_seconds(adapter) >= first  # both sessions (4 steps, then 1), not the last one alone
+
+
+def training_seconds(adapter: Path) -> float:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), framework="numpy") as f:
+        return float(f.metadata()["ss_training_time_s"])
 
 
 @pytest.mark.slow  # a subprocess CLI run
