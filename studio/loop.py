@@ -197,6 +197,10 @@ class _Training:
         self.total = cfg.max_train_steps or cfg.epochs * len(self.groups())
         # bf16/fp16 runs: LoRA weights in the compute dtype, fp32 masters in the optimizer (studio/master_weights.py)
         self.weights = trainable_weights(engine.param_groups(), autocast, procs.sharded)
+        if not (procs.sharded or cfg.torch_compile):  # FSDP owns the weights' storage; dynamo: eager-only Function
+            from studio.fused_lora import fuse_lora_linears  # imports peft
+
+            fuse_lora_linears(engine.trainable_modules())
         self.optimizer = build_optimizer(cfg, self.weights.groups, device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not.

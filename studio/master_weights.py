@@ -8,8 +8,10 @@ distributed optimizer, DeepSpeed's bf16 optimizer, apex O2) is what `MasterWeigh
 
 - the trainable parameters are views into one flat buffer in the compute dtype, so forward and backward run in it
   with no per-call cast;
-- after each micro-batch's backward, its gradients are gathered into one flat fp32 buffer (one cat; from the second
-  micro-batch on one add more): accumulation over micro-batches stays fp32;
+- their gradients land in one flat buffer in the compute dtype: each parameter's `.grad` is its slice, so autograd
+  adds into it in place (and studio/fused_lora.py's LoRA layers write into it directly); after each micro-batch's
+  backward the whole buffer goes into one flat fp32 buffer (one copy, from the second micro-batch on one add):
+  accumulation over micro-batches stays fp32;
 - the optimizer, loss scaling, clipping and the all-reduce work on the flat fp32 master: one tensor per parameter
   group (a slice of one buffer), so a step is a few kernels, not a few per LoRA weight (`load_optimizer_state`
   reads the per-weight state older checkpoints hold);
@@ -72,11 +74,14 @@ class MasterWeights(SameWeights):
             self.master = torch.cat([_in_memory_order(p.detach()).float() for p in self.params])
             self.compute = self.master.to(dtype)
         self.grad = torch.zeros_like(self.master)
+        self.compute_grad = torch.zeros_like(self.compute)  # one micro-batch's gradients, each parameter's .grad
         self.grad_owners = [self.master]  # clipping and the all-reduce see one tensor (its .grad), not hundreds
         self._masters = _views(self.master, self.params, sizes)
         self._computes = _views(self.compute, self.params, sizes)
+        self._compute_grads = _views(self.compute_grad, self.params, sizes)
         for param, view in zip(self.params, self._computes):
             param.data = view
+        self._point_grads()
         group_sizes = [sum(p.numel() for p in group["params"]) for group in groups]
         self._group_masters = list(self.master.split(group_sizes))
         self._group_grads = list(self.grad.split(group_sizes))
@@ -85,17 +90,22 @@ class MasterWeights(SameWeights):
         self._accumulated = False
 
     def collect(self) -> None:
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]  # None: unused this time
-        flat = [_in_memory_order(g) for g in grads]  # autograd gives each gradient its parameter's strides
         with torch.no_grad():
+            for param, view in zip(self.params, self._compute_grads):
+                if param.grad is not view and param.grad is not None:  # replaced by someone: added, not lost
+                    view.add_(param.grad)
             if self._accumulated:
-                self.grad.add_(torch.cat(flat))
+                self.grad.add_(self.compute_grad)
             else:
-                torch.cat(flat, out=self.grad)  # cast to fp32 in the same kernel
+                self.grad.copy_(self.compute_grad)  # cast to fp32 in the same kernel
+            self.compute_grad.zero_()
+        self._point_grads()
         self._accumulated = True
         self.master.grad = self.grad
-        for param in self.params:
-            param.grad = None
+
+    def _point_grads(self) -> None:
+        for param, view in zip(self.params, self._compute_grads):
+            param.grad = view
 
     def attach_grads(self) -> None:
         summed = self.master.grad
@@ -116,8 +126,8 @@ class MasterWeights(SameWeights):
     def discard(self) -> None:
         self._accumulated = False
         self.master.grad = None
-        for param in self.params:
-            param.grad = None
+        self.compute_grad.zero_()
+        self._point_grads()
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Also from a checkpoint with one state per LoRA weight (an fp32 run, or one from before master weights):
@@ -129,12 +139,14 @@ class MasterWeights(SameWeights):
     @contextmanager
     def full_precision(self) -> Iterator[None]:
         for param, master in zip(self.params, self._masters):
+            param.grad = None  # a .grad keeps its parameter's dtype
             param.data = master
         try:
             yield
         finally:
             for param, compute in zip(self.params, self._computes):
                 param.data = compute
+            self._point_grads()
             self.publish()  # the master may have been loaded (resume)
 
 
