@@ -128,9 +128,6 @@ class RunConfig:
     offload_activations: bool = _f(False, "LLMs with gradient checkpointing: keep each layer's checkpointed input "
                                    "in CPU memory until the backward needs it (copied while the GPU computes): "
                                    "long max_length on smaller cards, for a few % more time per step.")
-    offload_activations: bool = _f(False, "LLMs with gradient checkpointing: keep each layer's checkpointed input "
-                                   "in CPU memory until the backward needs it (copied while the GPU computes): "
-                                   "long max_length on smaller cards, for a few % more time per step.")
     torch_compile: bool = _f(False, "Compile the UNet / LLM with torch.compile: faster steps on GPUs after "
                              "a minute or more of compiling.")
     load_in_4bit: bool = _f(False, "Store the frozen base in 4-bit NF4 and compute in 16-bit (bitsandbytes, needs "

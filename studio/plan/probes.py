@@ -65,9 +65,9 @@ def flops(shape: Shape, length: int) -> int:
 def _build_image(shape: Shape) -> Built:
     from peft import LoraConfig
 
-    family = get_family(shape.family)
     from studio.models import vae_scale_factor
 
+    family = get_family(shape.family)
     recipe = family.load_recipe()
     source = image_source(shape.base_model, family, allow_unsafe_pickle=shape.allow_unsafe_pickle)
     parts = build_image_components(source)
