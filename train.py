@@ -61,7 +61,8 @@ class JobResult:
 
 def run_job(config: str, args, stop: threading.Event) -> JobResult:
     """Fit and train one config (or print its plan); a StudioError propagates."""
-    from studio.config import overrides_from_pairs, read_yaml
+    from studio.cli import overrides_from_pairs
+    from studio.config import read_yaml
     from studio.demo.for_cli import with_demo_paths
     from studio.plan.fit import fit_config
     from studio.plan.longest import longest_text

@@ -9,6 +9,9 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
+import yaml
+
+from studio.config import ConfigError
 from studio.errors import StudioError
 
 
@@ -76,3 +79,21 @@ def tqdm_listener():
             bar.close()
 
     return listen
+
+
+def overrides_from_pairs(pairs: list[str]) -> dict:
+    """`key=value` strings (CLI --set) → a dict, values parsed as YAML so numbers and lists keep their type."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        why = "it has no '='"
+        if sep:
+            try:
+                out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+                continue
+            except yaml.YAMLError as exc:  # its one-line `problem`, without the position dump
+                why = f"the value is not valid YAML ({getattr(exc, 'problem', None) or exc})"
+        raise ConfigError(f"--set {pair!r}: {why}. Write --set key=value, the value in YAML syntax, e.g. "
+                          "--set lora_rank=16 'sample_prompts=[a cat, a dog]' (quote a value with ': ' in it: "
+                          "'name=\"a: b\"').")
+    return out

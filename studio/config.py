@@ -17,8 +17,9 @@ from typing import Any, Optional
 import yaml
 from omegaconf import OmegaConf
 
+from studio import config_checks
 from studio.errors import StudioError
-from studio.families import AUTO, all_families, family_names, get_family
+from studio.families import AUTO, family_names
 from studio.fileio import write_text_atomic
 from studio.tasks import IMAGE_TASK, TEXT_TASK
 
@@ -264,7 +265,8 @@ def config_from_dict(data: dict, *, check_paths: bool = True, base_dir: Path | N
             del data["preset"]
     values, bad = _typed_values(data, problems)
     cfg = RunConfig(**values)
-    later = _check_consistency(cfg) + (_check_paths(cfg, base_dir or Path.cwd()) if check_paths else [])
+    later = config_checks.check_consistency(cfg) + (
+        config_checks.check_paths(cfg, base_dir or Path.cwd()) if check_paths else [])
     problems += [p for p in later if not p.startswith(tuple(f"'{key}'" for key in bad))]  # said once, above
     if problems:
         raise ConfigError(_format_problems(problems))
@@ -388,98 +390,3 @@ def _describe(base: Any, meta: dict) -> str:
     if base in names:
         return names[base]
     return "a list of text values"
-
-
-def _check_consistency(cfg: RunConfig) -> list[str]:
-    problems = []
-    if not cfg.base_model:
-        problems.append("'base_model' is empty. Set it to a model folder, a hub id, or a .safetensors checkpoint.")
-    if not cfg.train_data_dir:
-        problems.append("'train_data_dir' is empty. Set it to the folder that holds the training data.")
-    if not cfg.output_dir:
-        problems.append("'output_dir' is empty. Set it to the folder where the LoRA should be written.")
-    if cfg.validation_split and cfg.validation_dir:
-        problems.append(f"'validation_split' is {cfg.validation_split} and 'validation_dir' is set; both choose the "
-                        "held-out samples. Keep one: remove validation_dir, or set validation_split: 0.")
-    if cfg.distributed == "fsdp" and (cfg.is_image or cfg.num_processes < 2):
-        problems.append("'distributed' is fsdp, which shards an LLM over several GPUs; it needs task_type "
-                        f"{TEXT_TASK} and num_processes 2 or more. Use distributed: ddp otherwise.")
-    if cfg.model_family != AUTO and get_family(cfg.model_family).task != cfg.task_type:
-        fitting = ", ".join(f.name for f in all_families(cfg.task_type))
-        problems.append(f"'model_family' is {cfg.model_family} but task_type is {cfg.task_type}; use {fitting} "
-                        "or auto.")
-    return problems
-
-
-def looks_local(value: str) -> bool:
-    """A hub id is `name` or `org/name`; anything with a file suffix, ./, / or ~ is meant as a local path."""
-    return (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
-            or Path(value).suffix.lower() in {".safetensors", ".ckpt", ".pt", ".bin", ".pth"})
-
-
-def _check_paths(cfg: RunConfig, base_dir: Path) -> list[str]:
-    """Resolve every path field in place; report those that do not exist."""
-    problems = []
-    for name, f in FIELDS.items():
-        kind = f.metadata.get("path")
-        value = getattr(cfg, name)
-        if not kind or not value:
-            continue
-        if kind == "resume" and value == "latest":
-            continue
-        path = (base_dir / Path(value).expanduser()).resolve()
-        if kind == "model" and not path.exists() and not looks_local(value):
-            continue  # a hub id: checked when the model loads
-        if not path.exists():
-            problems.append(f"'{name}' points to {path}, which does not exist. Check the path "
-                            f"(relative paths are read from {base_dir}).")
-        elif kind == "data" and cfg.is_image and not path.is_dir():
-            problems.append(f"'{name}' is {path}, which is a file; for image training it must be the folder "
-                            "that holds the images.")
-        elif kind == "data" and (mismatch := _data_task_mismatch(cfg, name, path)):
-            problems.append(mismatch)
-        elif kind == "file" and not path.is_file():
-            problems.append(f"'{name}' is {path}, which is a folder; it must be a file.")
-        else:
-            setattr(cfg, name, str(path))
-    for name in ("output_dir", "logging_dir"):
-        value = getattr(cfg, name)
-        if value:
-            setattr(cfg, name, str((base_dir / Path(value).expanduser()).resolve()))
-    return problems
-
-
-def _data_task_mismatch(cfg: RunConfig, name: str, path: Path) -> str | None:
-    """Images for an LLM run, or only text files for an image run: caught here, not when training starts."""
-    from studio.data.captions import list_images
-
-    if not path.is_dir():
-        return None
-    files = [p for p in path.iterdir() if p.is_file()]
-    images = len(list_images(path))
-    if not cfg.is_image and images:
-        return (f"'{name}' is {path}, which holds {images} image(s): task_type {TEXT_TASK} trains on text "
-                "(.jsonl / .json chats or .txt). Pick a text dataset, or set task_type: "
-                f"{IMAGE_TASK} to train an image LoRA.")
-    if cfg.is_image and not images and any(p.suffix.lower() in (".jsonl", ".json") for p in files):
-        return (f"'{name}' is {path}, which holds text data and no images: task_type {IMAGE_TASK} trains on "
-                f"images. Pick an image dataset, or set task_type: {TEXT_TASK} to train an LLM LoRA.")
-    return None
-
-
-def overrides_from_pairs(pairs: list[str]) -> dict:
-    """`key=value` strings (CLI --set) → a dict, values parsed as YAML so numbers and lists keep their type."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        why = "it has no '='"
-        if sep:
-            try:
-                out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-                continue
-            except yaml.YAMLError as exc:  # its one-line `problem`, without the position dump
-                why = f"the value is not valid YAML ({getattr(exc, 'problem', None) or exc})"
-        raise ConfigError(f"--set {pair!r}: {why}. Write --set key=value, the value in YAML syntax, e.g. "
-                          "--set lora_rank=16 'sample_prompts=[a cat, a dog]' (quote a value with ': ' in it: "
-                          "'name=\"a: b\"').")
-    return out

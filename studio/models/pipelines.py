@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from studio.config import looks_local
+from studio.config_checks import looks_local
 from studio.errors import StudioError
 from studio.families import Family, family_of_pipeline_class, supported_text
 from studio.tasks import IMAGE_TASK
