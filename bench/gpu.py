@@ -20,7 +20,7 @@ On a CUDA machine with >= 24 GB (written for a lent H100/H200: 16 cores, no inte
 3. Longest context of Llama 3.1 8B QLoRA r=32 with gradient checkpointing at a 24 GB cap: a plain transformers+peft
    loop (bitsandbytes NF4, peft's prepare_model_for_kbit_training with its default checkpointing, the model's own
    loss) against the studio trainer's pieces (make_engine + engine.load, engine.collate, engine.loss,
-   studio.loop.build_optimizer; one update per length). The trainer itself would reload the 8B model for every
+   studio.optim.build_optimizer; one update per length). The trainer itself would reload the 8B model for every
    length tried; the pieces load it once. Lengths double from 1024 until one runs out of memory, then bisect to
    1/8. The plain loop runs first, so anything the first search left behind can only count against the studio.
 

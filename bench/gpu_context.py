@@ -113,7 +113,7 @@ class PlainLoop:
 
 class StudioLoop:
     """The trainer's own pieces for one update: engine.load (4-bit loading, k-bit preparation, checkpointing, LoRA),
-    engine.collate and engine.loss, studio.loop.build_optimizer, the loop's gradient clipping."""
+    engine.collate and engine.loss, studio.optim.build_optimizer, the loop's gradient clipping."""
 
     def __init__(self, cfg, gpu: Cuda):
         import torch
@@ -121,7 +121,7 @@ class StudioLoop:
         from studio.engines import make_engine
         from studio.events import EventSink
         from studio.hardware import autocast_dtype
-        from studio.loop import build_optimizer
+        from studio.optim import build_optimizer
         self.torch, self.cfg = torch, cfg
         self.device = torch.device(gpu.device)
         self.autocast = autocast_dtype(cfg.mixed_precision, self.device)

@@ -12,7 +12,6 @@ is rewritten with them. What differs between image and text training lives in th
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import traceback
@@ -20,7 +19,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from studio import checkpoints
@@ -36,6 +34,7 @@ from studio.export.metadata import header_fields
 from studio.fileio import remove_orphans, write_errors
 from studio.hardware import autocast_dtype, configure_backends, pick_device
 from studio.master_weights import trainable_weights
+from studio.optim import build_optimizer, build_scheduler, seed_everything
 from studio.plan.fit import Fitted
 from studio.plan.run import measure_peak, peak_memory, report_plan
 from studio.tensorboard_log import TensorBoardListener
@@ -108,29 +107,12 @@ def _open_output_dir(cfg: RunConfig, out: Path, events: EventSink) -> None:
 def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fitted: Fitted | None,
          requests: Requests, procs: Processes) -> RunResult:
     plan = report_plan(cfg, fitted, events)  # first: building the planner's meta model may draw random numbers
-    seed_everything(cfg.seed)
-    device = procs.device or pick_device(cfg.device)
-    configure_backends(device)
-    autocast = autocast_dtype(cfg.mixed_precision, device)
-    engine = make_engine(cfg, device, autocast, events)
-    events.emit("log", message=f"Loading {cfg.base_model} on {device.type}...")
-    engine.load()
-    procs.prepare(engine)
-    run = _Training(cfg, out, events, engine, device, autocast, procs)
-    if cfg.resume_from:
-        run.resume(cfg.resume_from)
-    pos, total = run.pos, run.total
+    run = _set_up(cfg, out, events, procs)
+    engine, device, pos, total = run.engine, run.device, run.pos, run.total
 
     tensorboard = [TensorBoardListener(cfg.logging_dir or out / "logs")] if procs.is_main else []
     events.listeners.extend(tensorboard)
-    processes = f" x {procs.world} processes" if procs.world > 1 else ""
-    events.emit("start", step=pos.step, total=total, message=f"Training {total} steps "
-                f"({engine.num_samples()} samples/epoch, effective batch {cfg.effective_batch} = batch "
-                f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes}).",
-                output_dir=str(out), effective_batch=cfg.effective_batch, num_processes=procs.world)
-    if cfg.sample_prompts and not procs.renders_samples and procs.is_main:
-        events.emit("log", message="No samples under distributed: fsdp (the model is split over the processes); "
-                                   "try the adapter in the Preview tab.")
+    _announce_start(cfg, out, events, engine, procs, pos.step, total)
     started, start_step, last_loss, stopped = time.time(), pos.step, None, False
     earlier = pos.seconds  # training time before a resume: a run's time is the sum of its sessions
     engine.train_mode(True)
@@ -175,12 +157,45 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
         for listener in tensorboard:
             events.listeners.remove(listener)
             listener.close()
-    best_val_loss, best_val_step = run.best_val or (None, None)
-    result = RunResult(out, files, pos.step, total, stopped, last_loss, best_val_loss, best_val_step)
-    events.emit("stopped" if stopped else "done", step=pos.step, total=total,
-                message=f"{'Stopped' if stopped else 'Finished'} at step {pos.step}/{total}."
+    return _announce_end(RunResult(out, files, pos.step, total, stopped, last_loss, *(run.best_val or (None, None))),
+                         events)
+
+
+def _set_up(cfg: RunConfig, out: Path, events: EventSink, procs: Processes) -> "_Training":
+    """The device, the loaded engine, the optimizer and schedule, and the position (a resumed one)."""
+    seed_everything(cfg.seed)
+    device = procs.device or pick_device(cfg.device)
+    configure_backends(device)
+    autocast = autocast_dtype(cfg.mixed_precision, device)
+    engine = make_engine(cfg, device, autocast, events)
+    events.emit("log", message=f"Loading {cfg.base_model} on {device.type}...")
+    engine.load()
+    procs.prepare(engine)
+    run = _Training(cfg, out, events, engine, device, autocast, procs)
+    if cfg.resume_from:
+        run.resume(cfg.resume_from)
+    return run
+
+
+def _announce_start(cfg: RunConfig, out: Path, events: EventSink, engine, procs: Processes, step: int,
+                    total: int) -> None:
+    processes = f" x {procs.world} processes" if procs.world > 1 else ""
+    events.emit("start", step=step, total=total, message=f"Training {total} steps "
+                f"({engine.num_samples()} samples/epoch, effective batch {cfg.effective_batch} = batch "
+                f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes}).",
+                output_dir=str(out), effective_batch=cfg.effective_batch, num_processes=procs.world)
+    if cfg.sample_prompts and not procs.renders_samples and procs.is_main:
+        events.emit("log", message="No samples under distributed: fsdp (the model is split over the processes); "
+                                   "try the adapter in the Preview tab.")
+
+
+def _announce_end(result: RunResult, events: EventSink) -> RunResult:
+    files, stopped = result.files, result.stopped
+    events.emit("stopped" if stopped else "done", step=result.step, total=result.total_steps,
+                message=f"{'Stopped' if stopped else 'Finished'} at step {result.step}/{result.total_steps}."
                         + (f" Adapter: {files[0]}" if files else ""),
-                files=[str(f) for f in files], best_val_loss=best_val_loss, best_val_step=best_val_step)
+                files=[str(f) for f in files], best_val_loss=result.best_val_loss,
+                best_val_step=result.best_val_step)
     return result
 
 
@@ -362,28 +377,6 @@ class _Training:
         checkpoints.restore_rng(self.procs.own_rng_state(state))
         self.events.emit("log", step=self.pos.step, total=self.total,
                          message=f"Resumed from {path} at step {self.pos.step}.")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw8bit":
-        if device.type != "cuda":
-            raise StudioError("optimizer adamw8bit needs a CUDA GPU (bitsandbytes). Use optimizer: adamw here.")
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # fused: one kernel for all LoRA tensors instead of a loop of small ops (6x faster step on the tiny UNet, CPU too).
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-
-
-def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total: int):
-    from transformers.optimization import get_scheduler  # same schedules; diffusers' import costs an LLM run 0.2 s
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                         num_training_steps=total)
 
 
 def emit_samples(engine: Engine, cfg: RunConfig, out: Path, events: EventSink, step: int, total: int) -> None:

@@ -8,7 +8,8 @@ from studio.config import config_from_dict
 from studio.engines import make_engine
 from studio.events import EventSink
 from studio.hardware import configure_backends, to_device
-from studio.loop import build_optimizer, train
+from studio.loop import train
+from studio.optim import build_optimizer
 
 CPU = torch.device("cpu")
 
