@@ -119,6 +119,16 @@ def test_same_losses_gradients_and_adapter(build, checkpointing, early_stop):
     assert all(t.isnan().all() for i in swap.swapped for t in swap._tensors[i])  # all released after the step
 
 
+def bf16_lora_grads(model, inputs) -> dict[str, torch.Tensor]:
+    """The LoRA gradients of one bf16-autocast forward and backward of the tiny Flux.1 transformer."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**{k: v.to(torch.bfloat16) if k in ("hidden_states", "pooled_projections",
+                                                            "encoder_hidden_states") else v
+                       for k, v in inputs.items()})[0]
+    out.float().square().mean().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_fp8_storage_streams_fp8_and_trains_the_same():
     """fp8 storage (diffusers' layerwise casting, as fp8_base sets it) under bf16 autocast with checkpointing: the
     swapped blocks cross in fp8 and the gradients are those without swap."""
@@ -131,12 +141,7 @@ def test_fp8_storage_streams_fp8_and_trains_the_same():
         blocks = recipe.swap_blocks(model)
         moved = []
         BlockSwap(blocks, count, CPU, on_move=lambda why, index, size: moved.append(size)).attach()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(**{k: v.to(torch.bfloat16) if k in ("hidden_states", "pooled_projections",
-                                                                "encoder_hidden_states") else v
-                           for k, v in inputs.items()})[0]
-        out.float().square().mean().backward()
-        results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        results.append(bf16_lora_grads(model, inputs))
         adapted = [m.base_layer.weight for b in blocks[len(blocks) - count:] for m in b.modules()
                    if hasattr(m, "base_layer")]
         assert all(w.dtype == torch.float8_e4m3fn for w in adapted) and (adapted or not count)
@@ -159,12 +164,7 @@ def test_nf4_weights_stream_with_their_quantization_data():
         if count:
             absmax = blocks[-1].attn.to_q.base_layer.weight.quant_state.absmax
             assert any(t is absmax for t in swap._tensors[len(blocks) - 1])  # poisoned between uses too
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(**{k: v.to(torch.bfloat16) if k in ("hidden_states", "pooled_projections",
-                                                                "encoder_hidden_states") else v
-                           for k, v in inputs.items()})[0]
-        out.float().square().mean().backward()
-        results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        results.append(bf16_lora_grads(model, inputs))
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
 
 
