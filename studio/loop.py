@@ -112,7 +112,7 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
 
     tensorboard = [TensorBoardListener(cfg.logging_dir or out / "logs")] if procs.is_main else []
     events.listeners.extend(tensorboard)
-    _announce_start(cfg, out, events, engine, procs, pos.step, total)
+    _announce_start(cfg, out, events, engine, procs, pos, total)
     started, start_step, last_loss, stopped = time.time(), pos.step, None, False
     earlier = pos.seconds  # training time before a resume: a run's time is the sum of its sessions
     engine.train_mode(True)
@@ -177,13 +177,14 @@ def _set_up(cfg: RunConfig, out: Path, events: EventSink, procs: Processes) -> "
     return run
 
 
-def _announce_start(cfg: RunConfig, out: Path, events: EventSink, engine, procs: Processes, step: int,
-                    total: int) -> None:
+def _announce_start(cfg: RunConfig, out: Path, events: EventSink, engine, procs: Processes,
+                    pos: Position, total: int) -> None:
     processes = f" x {procs.world} processes" if procs.world > 1 else ""
-    events.emit("start", step=step, total=total, message=f"Training {total} steps "
+    events.emit("start", step=pos.step, total=total, message=f"Training {total} steps "
                 f"({engine.num_samples()} samples/epoch, effective batch {cfg.effective_batch} = batch "
                 f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes}).",
-                output_dir=str(out), effective_batch=cfg.effective_batch, num_processes=procs.world)
+                output_dir=str(out), effective_batch=cfg.effective_batch, num_processes=procs.world,
+                earlier_seconds=pos.seconds)  # a resumed run's time so far: the Runs table adds this session's
     if cfg.sample_prompts and not procs.renders_samples and procs.is_main:
         events.emit("log", message="No samples under distributed: fsdp (the model is split over the processes); "
                                    "try the adapter in the Preview tab.")

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS runs (
     created REAL,
     started REAL,
     finished REAL,
+    earlier_seconds REAL DEFAULT 0, -- training time of a resumed run's earlier sessions
     final_loss REAL,
     best_val_loss REAL,
     best_val_step INTEGER,
@@ -129,8 +130,10 @@ class RunIndex:
             problem = con.execute("PRAGMA quick_check").fetchone()[0]
             if problem != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {problem}")
-            self._checked = True
         con.execute("BEGIN IMMEDIATE")
+        if not self._checked:
+            _add_new_columns(con)
+            self._checked = True
 
     def _set_aside(self, exc: sqlite3.DatabaseError) -> None:
         """Move an unreadable index (and its WAL files) to studio.db.corrupt-<time>, and rebuild it from the run
@@ -316,6 +319,14 @@ def first_free_name(name: str, taken: Callable[[str], bool]) -> str:
     stem, _, number = name.rpartition("-")
     base = stem if stem and number.isdigit() else name
     return next(f"{base}-{i}" for i in range(2, 100_000) if not taken(f"{base}-{i}"))
+
+
+def _add_new_columns(con: sqlite3.Connection) -> None:
+    """Columns added since an index file was made (inside the write lock: two studios never add one twice)."""
+    have = {row["name"] for row in con.execute("PRAGMA table_info(runs)")}
+    for name, kind in (("earlier_seconds", "REAL DEFAULT 0"),):
+        if name not in have:
+            con.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
 
 
 def _alive(pid: int | None) -> bool:

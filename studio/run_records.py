@@ -30,6 +30,7 @@ class RunRecord:
     created: float | None = None
     started: float | None = None
     finished: float | None = None
+    earlier_seconds: float = 0.0  # training time of a resumed run's earlier sessions
     final_loss: float | None = None
     best_val_loss: float | None = None
     best_val_step: int | None = None
@@ -39,9 +40,10 @@ class RunRecord:
 
     @property
     def seconds(self) -> float | None:
+        """Training time: the earlier sessions' and this one's (a run resumed or continued counts them all)."""
         if self.started is None:
             return None
-        return (self.finished or time.time()) - self.started
+        return (self.earlier_seconds or 0.0) + (self.finished or time.time()) - self.started
 
 
 COLUMNS = [f.name for f in fields(RunRecord)]
@@ -52,7 +54,7 @@ def apply_event(values: dict, event: Event, best: tuple[float, int] | None) -> d
     if event.step or event.total:
         values.update(step=event.step, total=event.total)
     if event.kind == "start":
-        values.update(status=RUNNING)
+        values.update(status=RUNNING, earlier_seconds=float(event.data.get("earlier_seconds") or 0.0))
     elif event.kind == "progress":
         values["final_loss"] = event.data.get("loss")
     elif event.kind == "plan" and event.data.get("family"):
@@ -82,9 +84,10 @@ def record_from_folder(folder: Path) -> RunRecord:
             best = (values["best_val_loss"], values["best_val_step"])
     task_type = str(data.get("task_type") or "")
     values["family"] = run_family(data, values.get("family", ""), values.get("adapter"), task_type)
+    starts = [e.time for e in events if e.kind == "start"]  # the last session's: earlier ones are earlier_seconds
     record = RunRecord(name=folder.name, config=text, task_type=task_type,
                        created=events[0].time if events else folder.stat().st_mtime,
-                       started=events[0].time if events else None, **values)
+                       started=(starts[-1] if len(starts) > 1 else events[0].time) if events else None, **values)
     if record.status in (INTERRUPTED, RUNNING):
         record.status = INTERRUPTED
         record.message = record.message or "No process is training it. Resume it to continue from its last checkpoint."

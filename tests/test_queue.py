@@ -113,6 +113,7 @@ def test_index_rebuilt_from_folders_interrupted_resumed_and_continued(demo, tmp_
     assert continue_run(Studio, "kept", 3).startswith("✔")
     state = runner.wait(120)
     assert state.status == "done" and state.step == 5 and index.get("kept").step == 5
+    assert index.get("kept").earlier_seconds > 0  # the Runs table's duration counts the sessions before, too
     assert any("Resumed from" in line for line in state.log)
 
 

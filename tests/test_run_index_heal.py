@@ -15,6 +15,7 @@ from queue_adders import add_many
 
 from studio import run_index
 from studio.errors import StudioError
+from studio.events import Event
 from studio.run_index import RunIndex
 from studio.ui.app import build_app
 
@@ -110,3 +111,30 @@ def test_a_held_lock_is_a_short_wait_then_busy(tmp_path, monkeypatch, caplog):
     index.enqueue("second", "{}\n")
     holder.close()
     assert [r.name for r in index.queued()] == ["first", "second"]
+
+
+def test_a_resumed_runs_duration_is_the_sum_of_its_sessions(tmp_path):
+    """Session one trained 10 s; the resume's start event says so, and the Runs table's duration adds the 5 s of
+    session two — live (the listener) and rebuilt from the folder — not the last session alone, nor the gap."""
+    resumed = [{"kind": "done", "time": 20.0, "step": 2, "total": 2},
+               {"kind": "start", "time": 100.0, "step": 2, "total": 4, "data": {"earlier_seconds": 10.0}},
+               {"kind": "done", "time": 105.0, "step": 4, "total": 4}]
+    make_run(tmp_path, "resumed", "task_type: image-generation\n", events=resumed)
+    assert RunIndex(tmp_path).get("resumed") is None and RunIndex(tmp_path).list()[0].seconds == pytest.approx(15.0)
+    index = RunIndex(tmp_path)
+    index.record_start("live", "{}\n")
+    listen = index.listener("live")
+    listen(Event("start", step=2, total=4, data={"earlier_seconds": 10.0}))
+    listen(Event("done", step=4, total=4, time=index.get("live").started + 5.0))
+    assert index.get("live").seconds == pytest.approx(15.0)
+
+
+def test_an_index_made_before_a_column_existed_gains_it(tmp_path):
+    make_run(tmp_path, "old", "task_type: image-generation\n")
+    old = sqlite3.connect(tmp_path / "studio.db")
+    old.execute(run_index._SCHEMA.replace("earlier_seconds REAL DEFAULT 0,", ""))
+    old.execute("INSERT INTO runs (name, status, config, started, finished) VALUES ('old', 'done', '', 1.0, 4.0)")
+    old.commit()
+    old.close()
+    make_run(tmp_path, "new", "task_type: image-generation\n", adapter_header={})  # rebuilt into the new column
+    assert {r.name: r.seconds for r in RunIndex(tmp_path).list()} == {"old": 3.0, "new": 10.0}
