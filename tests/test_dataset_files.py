@@ -172,8 +172,8 @@ def app(demo, free_port, tmp_path_factory):
 
 
 def new_dataset(client, studio, name: str, names: list[str], rows: list[tuple[str, str]]) -> Path:
-    status, _ = client.predict(name, api_name="/create_dataset")
-    assert status.startswith("✔"), status
+    status, _, name_box = client.predict(name, api_name="/create_dataset")
+    assert status.startswith("✔") and name_box == "", status  # the box is ready for the next name
     return dataset(studio.workspace.datasets / name, names, rows)
 
 
@@ -225,10 +225,10 @@ def test_api_delete_rename_and_stale_rows(app):
     status, *_ = client.predict("datasets/manage", ["a.png"], api_name="/delete_images")
     assert status.startswith("✔ Deleted 1 image(s)") and not (folder / "a.png").exists()
 
-    status, *_ = client.predict("datasets/manage", ["b.png", "c.png"], "x", api_name="/rename_image")
-    assert "Pick exactly one image" in status
-    status, *_, picked, = client.predict("datasets/manage", ["b.png"], "beach day", api_name="/rename_image")
-    assert "Renamed b.png to beach day.png" in status
+    status, *_, name_box = client.predict("datasets/manage", ["b.png", "c.png"], "x", api_name="/rename_image")
+    assert "Pick exactly one image" in status and name_box == {"__type__": "update"}  # refused: left as typed
+    status, *_, picked, name_box = client.predict("datasets/manage", ["b.png"], "beach day", api_name="/rename_image")
+    assert "Renamed b.png to beach day.png" in status and name_box == ""
     assert [c[0] for c in picked["choices"]] == ["beach day.png", "c.png"]
 
     status, *_ = client.predict("datasets/manage", api_name="/remove_stale_rows")
@@ -277,3 +277,17 @@ def test_clicking_a_problem_opens_its_fix_and_a_thumbnail_picks_it(app):
     shown = ["a.png", "b.png"]
     assert pick_image(["a.png"], shown, gr.SelectData(None, {"index": 1, "value": {}})) == ["a.png", "b.png"]
     assert pick_image(["b.png"], shown, gr.SelectData(None, {"index": 1, "value": {}})) == ["b.png"]
+
+
+def test_file_actions_and_auto_label_answer_beside_their_buttons(tmp_path):
+    """Delete, Rename, Remove rows and Auto-label write their message (and auto-label its progress) in a line inside
+    the section of the button pressed, not at the top of the tab."""
+    blocks, _ = build_app(tmp_path, with_demo=False)
+    by_api = {fn.api_name: fn for fn in blocks.fns.values()}
+    for api_name, line in [("delete_images", "manage-files-status"), ("rename_image", "manage-files-status"),
+                           ("remove_stale_rows", "manage-files-status"), ("auto_label", "auto-label-status")]:
+        fn = by_api[api_name]
+        status, button = fn.outputs[0], blocks.blocks[fn.targets[0][0]]
+        enclosing = [button.parent, button.parent.parent]
+        assert status.elem_id == line and status.parent in enclosing, api_name
+    assert [c.elem_id for c in by_api["auto_label"].show_progress_on] == ["auto-label-status"]

@@ -55,10 +55,10 @@ def pixels(path):
 
 def test_dataset_upload_auto_label_and_caption_edit(app, demo):
     client, studio = app
-    status, _ = client.predict("../escape", api_name="/create_dataset")
-    assert "not a dataset name" in status
-    status, picked = client.predict("shapes", api_name="/create_dataset")
-    assert status.startswith("✔") and value_of(picked) == "datasets/shapes"
+    status, _, name_box = client.predict("../escape", api_name="/create_dataset")
+    assert "not a dataset name" in status and name_box == {"__type__": "update"}  # refused: left as typed
+    status, picked, name_box = client.predict("shapes", api_name="/create_dataset")
+    assert status.startswith("✔") and value_of(picked) == "datasets/shapes" and name_box == ""
     images = sorted(demo.images.glob("*.png"))[:4]
     status, _, gallery, table, report, problems, _ = client.predict(
         "datasets/shapes", [handle_file(str(p)) for p in images], api_name="/upload_files")

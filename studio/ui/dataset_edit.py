@@ -109,6 +109,7 @@ class FileManager:
     new_name: gr.Textbox
     rename: gr.Button
     remove_stale: gr.Button
+    status: gr.Markdown  # under the buttons: what Delete, Rename and Remove did, or why not
 
 
 def file_manager() -> FileManager:
@@ -125,13 +126,15 @@ def file_manager() -> FileManager:
             confirm_text = gr.Markdown()
             confirm_delete = gr.Button("Yes, delete", variant="stop", scale=0)
             cancel_delete = gr.Button("Cancel", scale=0)
+        status = gr.Markdown(elem_id="manage-files-status")  # by the buttons that it answers
     return FileManager(accordion, picked, delete, confirm, confirm_text, confirm_delete, cancel_delete, new_name,
-                       rename, remove_stale)
+                       rename, remove_stale, status)
 
 
 def wire_file_actions(studio: Studio, dataset: gr.Dropdown, status: gr.Markdown, view: list, gallery: gr.Gallery,
                       shown: gr.State, fixer: ProblemFixer, files: FileManager) -> None:
     outputs = [status, dataset, *view]
+    answered_here = [files.status, dataset, *view]  # the file actions answer under their buttons
     hide = partial(gr.update, visible=False)
 
     def on_select(value: str, evt: gr.SelectData):  # (gradio finds `evt` by its annotation, which a partial hides)
@@ -146,14 +149,15 @@ def wire_file_actions(studio: Studio, dataset: gr.Dropdown, status: gr.Markdown,
     for closes in (fixer.problems.change, fixer.cancel.click):
         closes(hide, None, fixer.panel, api_visibility="private")
     gallery.select(pick_image, [files.picked, shown], files.picked, api_visibility="private")
-    files.delete.click(ask_delete, files.picked, [status, files.confirm, files.confirm_text], api_visibility="private")
-    files.confirm_delete.click(partial(delete_images, studio), [dataset, files.picked], outputs,
+    files.delete.click(ask_delete, files.picked, [files.status, files.confirm, files.confirm_text],
+                       api_visibility="private")
+    files.confirm_delete.click(partial(delete_images, studio), [dataset, files.picked], answered_here,
                                api_name="delete_images")
     for closes in (files.picked.change, files.cancel_delete.click):
         closes(hide, None, files.confirm, api_visibility="private")
-    files.rename.click(partial(rename_image, studio), [dataset, files.picked, files.new_name], outputs,
-                       api_name="rename_image")
-    files.remove_stale.click(partial(remove_stale_rows, studio), dataset, outputs, api_name="remove_stale_rows")
+    files.rename.click(partial(rename_image, studio), [dataset, files.picked, files.new_name],
+                       [*answered_here, files.new_name], api_name="rename_image")
+    files.remove_stale.click(partial(remove_stale_rows, studio), dataset, answered_here, api_name="remove_stale_rows")
 
 
 # --- handlers ----------------------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def delete_images(studio: Studio, value: str, names: list[str] | None):
     return edited(studio, target, ok(f"Deleted {len(deleted)} image(s) and their captions: {', '.join(deleted)}."))
 
 
-@reports_errors(outputs=EDIT_OUTPUTS)
+@reports_errors(outputs=EDIT_OUTPUTS + 1)  # and the name box: cleared after a rename, kept when refused
 def rename_image(studio: Studio, value: str, picked: list[str] | str | None, new_name: str):
     picked = [picked] if isinstance(picked, str) else list(picked or [])
     if len(picked) != 1:
@@ -217,7 +221,7 @@ def rename_image(studio: Studio, value: str, picked: list[str] | str | None, new
         raise StudioError(f"Type the new name for {picked[0]}.")
     with editing(studio, value) as target:
         renamed = dataset_files.rename_image(target.folder, picked[0], new_name)
-    return edited(studio, target, ok(f"Renamed {picked[0]} to {renamed}; its caption followed."))
+    return (*edited(studio, target, ok(f"Renamed {picked[0]} to {renamed}; its caption followed.")), "")
 
 
 @reports_errors(outputs=EDIT_OUTPUTS)

@@ -94,6 +94,7 @@ def dataset_tab(studio: Studio) -> DatasetTab:
                 instruction = gr.Textbox(value=choices["instruction"], label="VLM instruction (Florence-2: a task "
                                                                             "prompt such as <DETAILED_CAPTION>)")
             label_button = gr.Button("Auto-label", variant="primary", elem_id="auto-label-button")
+            label_status = gr.Markdown(elem_id="auto-label-status")  # by the button that it answers
         health_section(studio, dataset)
         tag_edits = tag_editor_section(studio, dataset)
 
@@ -105,7 +106,7 @@ def dataset_tab(studio: Studio) -> DatasetTab:
     dataset.change(partial(image_controls, studio), dataset, image_only, api_visibility="private")
     refresh.click(partial(refresh_datasets, studio), dataset, dataset, api_name="list_datasets")
     tab.select(partial(refresh_datasets, studio), dataset, dataset, api_visibility="private")  # made elsewhere since
-    create.click(partial(create_dataset, studio), new_name, [status, dataset], api_name="create_dataset")
+    create.click(partial(create_dataset, studio), new_name, [status, dataset, new_name], api_name="create_dataset")
     edit_outputs = [status, dataset, *view]
     # Unprocessed, so the handler sees each file's own name (gradio's copy drops some characters from it).
     upload.upload(partial(add_files, studio), [dataset, upload], edit_outputs, api_name="upload_files",
@@ -114,7 +115,8 @@ def dataset_tab(studio: Studio) -> DatasetTab:
     save.click(partial(save_captions, studio), [dataset, table], edit_outputs, api_name="save_captions")
     label_button.click(partial(auto_label, studio), [dataset, mode, overwrite, trigger, clip_model, blip_model,
                                                      wd14_model, general_threshold, character_threshold, vlm_model,
-                                                     instruction], edit_outputs, api_name="auto_label")
+                                                     instruction], [label_status, *edit_outputs[1:]],
+                       api_name="auto_label", show_progress_on=label_status)  # the progress too: not over the gallery
     wire_file_actions(studio, dataset, status, view, gallery, shown, fixer, files)
     return DatasetTab(dataset, view, image_only)
 
@@ -149,11 +151,12 @@ def refresh_datasets(studio: Studio, current: str | None):
     return choices_update(studio.dataset_choices(), keep=current)
 
 
-@reports_errors(outputs=2)
+@reports_errors(outputs=3)
 def create_dataset(studio: Studio, name: str):
+    """The new dataset, picked; the name box cleared for the next one (kept when the name is refused)."""
     value = studio.create_dataset(name)
     return ok(f"Created {value}. Upload images (with captions, or auto-label them) or text files."), \
-        choices_update(studio.dataset_choices(), value=value)
+        choices_update(studio.dataset_choices(), value=value), ""
 
 
 def image_controls(studio: Studio, value: str | None):
