@@ -469,3 +469,37 @@ def test_the_loss_line_draws_on_a_freshly_loaded_page(page, url, demo):
             '#loss-plot path[aria-roledescription="line mark"]')].some((line) =>
             line.getAttribute('stroke') && (line.getAttribute('d') || '').split('L').length >= 3)""")
     page.set_viewport_size({"width": VIEWPORTS[0][0], "height": VIEWPORTS[0][1]})
+
+
+def test_tag_edits_of_a_demo_dataset_go_to_one_copy(demo, free_port, tmp_path):
+    """The first bulk edit copies the demo dataset, moves the picker to the copy and says so (the message stays);
+    the second edit goes to that copy, not to a second one."""
+    from studio.ui.app import build_app, launch
+
+    shutil.copytree(demo.root, tmp_path / "demo")  # a workspace of its own: the copy must not reach other tests
+    blocks, studio = build_app(tmp_path)
+    _, url, _ = launch(blocks, studio, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            open_tab(page, "Dataset")
+            page.locator("#tag-editor").click()
+            page.get_by_label("Tag(s)").fill("alpha")
+            page.locator("#tag-apply").click()
+            page.locator("#tag-status").get_by_text("went to a copy, datasets/demo-shapes").wait_for()
+            page.wait_for_timeout(1000)  # the picker's change has run: the message is still there
+            assert "went to a copy" in page.locator("#tag-status").inner_text()
+            assert page.locator("#dataset-picker input").input_value() == "demo-shapes"  # the copy, not the demo
+            page.get_by_label("Tag(s)").fill("beta")
+            page.locator("#tag-apply").click()
+            page.locator("#tag-status").get_by_text("Add 'beta'").wait_for()
+            assert "went to a copy" not in page.locator("#tag-status").inner_text()
+            browser.close()
+    finally:
+        blocks.close()
+    assert [p.name for p in studio.workspace.datasets.iterdir()] == ["demo-shapes"]
+    captions = (studio.workspace.datasets / "demo-shapes" / "metadata.csv").read_text(encoding="utf-8")
+    assert "alpha" in captions and "beta" in captions

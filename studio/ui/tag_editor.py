@@ -45,7 +45,11 @@ def tag_editor_section(studio: Studio, dataset: gr.Dropdown) -> list:
     reverted = undo.click(partial(undo_edit, studio), [dataset, search], [status, table], api_name="tags_undo")
     refresh.click(partial(tag_frequencies, studio), [dataset, search], [status, table], api_name="tag_frequencies")
     search.submit(partial(tag_frequencies, studio), [dataset, search], [status, table], api_visibility="private")
-    dataset.change(partial(tag_frequencies, studio), [dataset, search], [status, table], api_visibility="private")
+    # Another dataset: its table. The line keeps an edit's message when the edit moved the picker to a demo's copy;
+    # a dataset the user picks clears it.
+    dataset.change(lambda value, find: tag_frequencies(studio, value, find)[1], [dataset, search], table,
+                   api_visibility="private")
+    dataset.input(lambda: "", None, status, api_visibility="private")
     return [edit, reverted]
 
 
