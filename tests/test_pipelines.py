@@ -31,3 +31,9 @@ def test_unsupported_pipeline_class_is_named(tmp_path):
     with pytest.raises(StudioError, match="holds a FluxFillPipeline; LoRA Studio trains text-to-image SD1.5, SDXL, "
                                           "Flux.1, .*and .* models"):  # every registered image family
         load_pipeline(str(tmp_path))
+
+
+def test_loading_draws_no_component_bar(demo, capfd):
+    """The console stays quiet: the studio logs "Loading <model>" itself, diffusers' per-component bar is noise."""
+    load_pipeline(str(demo.sd15))
+    assert "Loading pipeline components" not in capfd.readouterr().err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from studio.config_checks import looks_local
 from studio.errors import StudioError
@@ -34,6 +35,7 @@ def load_pipeline(base_model: str, *, allow_unsafe_pickle: bool = False, torch_d
     try:
         # The safety checker is an image classifier for hosted demos; a training studio does not load it.
         has_checker = "safety_checker" in DiffusionPipeline.load_config(source)
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the studio says "Loading <model>"
         pipe = DiffusionPipeline.from_pretrained(source, dtype=torch_dtype, **(
             {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}))
     except (OSError, ValueError, EnvironmentError):
