@@ -14,7 +14,8 @@ from studio.demo.flux import build_tiny_flux, tiny_flux_transformer
 from studio.demo.flux_single_file import transformer_to_bfl, write_flux_checkpoint
 from studio.errors import StudioError
 from studio.models import CONFIG_ROOT
-from studio.models.flux_single_file import bfl_to_diffusers, flux_kind, load_flux_single_file
+from studio.models.flux_keys import bfl_to_diffusers
+from studio.models.flux_single_file import flux_kind, load_flux_single_file
 
 PROMPT = "a red circle"
 

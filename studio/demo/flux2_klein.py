@@ -59,7 +59,7 @@ def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0) -> Path:
 
 def flux2_file_layout(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """A diffusers Flux2Transformer2DModel state dict in BFL's layout (ComfyUI's flux-2-klein files). Any width."""
-    from studio.models.flux_single_file import swap_halves
+    from studio.models.flux_keys import swap_halves
 
     sd, out = dict(sd), {}
     for index in {k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")}:

@@ -19,15 +19,16 @@ import torch
 from safetensors.torch import save_file
 
 from studio.demo.single_file import _config, _weights, clip_to_ldm, vae_to_ldm
-from studio.models.flux_single_file import CLIP, T5, TRANSFORMER, VAE, _block_count, _flux_names, swap_halves
+from studio.models.flux_keys import block_count, flux_names, swap_halves
+from studio.models.flux_single_file import CLIP, T5, TRANSFORMER, VAE
 
 
 def transformer_to_bfl(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """A diffusers FluxTransformer2DModel state dict in BFL's original layout, under `prefix`. Any width; works on
     meta tensors too. ValueError for a weight it has no BFL name for."""
     sd = dict(sd)
-    renames, fused, swapped = _flux_names(_block_count(sd, "transformer_blocks."),
-                                          _block_count(sd, "single_transformer_blocks."),
+    renames, fused, swapped = flux_names(block_count(sd, "transformer_blocks."),
+                                          block_count(sd, "single_transformer_blocks."),
                                           "time_text_embed.guidance_embedder.linear_1.weight" in sd,
                                           modulated="transformer_blocks.0.norm1.linear.weight" in sd)
     out = {bfl: sd.pop(hf) for hf, bfl in renames.items()}

@@ -105,7 +105,7 @@ def recognise(shapes: Shapes, name: str) -> bool:
 def to_diffusers(sd: dict) -> dict:
     """A Chroma file's transformer tensors → diffusers' names: Flux.1's BFL mapping without the modulation layers
     (studio.models.flux_single_file), plus the distilled_guidance_layer's own names. Any width; consumes `sd`."""
-    from studio.models.flux_single_file import bfl_to_diffusers
+    from studio.models.flux_keys import bfl_to_diffusers
 
     guidance = "distilled_guidance_layer."
     out = {}
@@ -117,12 +117,12 @@ def to_diffusers(sd: dict) -> dict:
 
 def config_overrides(t: Shapes) -> dict:
     """Config values read from a file's shapes (a pruned fine-tune, the tiny test model)."""
-    from studio.models.flux_single_file import _block_count
+    from studio.models.flux_keys import block_count
 
     inner, in_channels = t["img_in.weight"]
     head = t["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     hidden, channels = t["distilled_guidance_layer.in_proj.weight"]
-    return {"num_layers": _block_count(t, "double_blocks."), "num_single_layers": _block_count(t, "single_blocks."),
+    return {"num_layers": block_count(t, "double_blocks."), "num_single_layers": block_count(t, "single_blocks."),
             "attention_head_dim": head, "num_attention_heads": inner // head, "in_channels": in_channels,
             "joint_attention_dim": t["txt_in.weight"][1], "approximator_num_channels": channels,
             "approximator_hidden_dim": hidden,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from studio.errors import StudioError
+from studio.models.flux_keys import bfl_to_diffusers, block_count
 from studio.models import CONFIG_ROOT
 from studio.models.single_file import _OTHER_NAMES, _Checkpoint, _check_file, _has, _known_other_type
 
@@ -107,97 +108,6 @@ def flux_kind(shapes: Mapping[str, tuple], name: str) -> str | None:
     return "dev" if _has(t, "guidance_in.") else "schnell"
 
 
-# ------------------------------------------------------------------------------------------ transformer weights
-
-def _flux_names(num_layers: int, num_single_layers: int, guidance: bool, modulated: bool = True):
-    """How diffusers' FluxTransformer2DModel names map to BFL's (the mapping of diffusers'
-    `convert_flux_transformer_checkpoint_to_diffusers`): `renames` diffusers → BFL for tensors that only change name;
-    `fused` BFL → the diffusers tensors it concatenates along dim 0 (q, k, v [, mlp]); `swapped` diffusers → BFL
-    for the final AdaLN projection, whose two halves (shift, scale in BFL) diffusers stores as (scale, shift).
-    `modulated` False: Chroma's layout, which has none of the modulation layers nor the time / vector embedders (its
-    distilled_guidance_layer computes all modulations; studio/families/chroma.py maps that)."""
-    renames: dict[str, str] = {}
-
-    def linear(hf: str, bfl: str) -> None:
-        renames[f"{hf}.weight"] = f"{bfl}.weight"
-        renames[f"{hf}.bias"] = f"{bfl}.bias"
-
-    if modulated:
-        linear("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
-        linear("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
-        linear("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
-        linear("time_text_embed.text_embedder.linear_2", "vector_in.out_layer")
-    if guidance:
-        linear("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer")
-        linear("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")
-    linear("context_embedder", "txt_in")
-    linear("x_embedder", "img_in")
-    fused: dict[str, list[str]] = {}
-    for i in range(num_layers):
-        hf, bfl = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        if modulated:
-            linear(hf + "norm1.linear", bfl + "img_mod.lin")
-            linear(hf + "norm1_context.linear", bfl + "txt_mod.lin")
-        for part in ("weight", "bias"):
-            fused[f"{bfl}img_attn.qkv.{part}"] = [f"{hf}attn.to_{p}.{part}" for p in "qkv"]
-            fused[f"{bfl}txt_attn.qkv.{part}"] = [f"{hf}attn.add_{p}_proj.{part}" for p in "qkv"]
-        renames[hf + "attn.norm_q.weight"] = bfl + "img_attn.norm.query_norm.scale"
-        renames[hf + "attn.norm_k.weight"] = bfl + "img_attn.norm.key_norm.scale"
-        renames[hf + "attn.norm_added_q.weight"] = bfl + "txt_attn.norm.query_norm.scale"
-        renames[hf + "attn.norm_added_k.weight"] = bfl + "txt_attn.norm.key_norm.scale"
-        linear(hf + "ff.net.0.proj", bfl + "img_mlp.0")
-        linear(hf + "ff.net.2", bfl + "img_mlp.2")
-        linear(hf + "ff_context.net.0.proj", bfl + "txt_mlp.0")
-        linear(hf + "ff_context.net.2", bfl + "txt_mlp.2")
-        linear(hf + "attn.to_out.0", bfl + "img_attn.proj")
-        linear(hf + "attn.to_add_out", bfl + "txt_attn.proj")
-    for i in range(num_single_layers):
-        hf, bfl = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        if modulated:
-            linear(hf + "norm.linear", bfl + "modulation.lin")
-        for part in ("weight", "bias"):
-            fused[f"{bfl}linear1.{part}"] = [f"{hf}attn.to_{p}.{part}" for p in "qkv"] + [f"{hf}proj_mlp.{part}"]
-        renames[hf + "attn.norm_q.weight"] = bfl + "norm.query_norm.scale"
-        renames[hf + "attn.norm_k.weight"] = bfl + "norm.key_norm.scale"
-        linear(hf + "proj_out", bfl + "linear2")
-    linear("proj_out", "final_layer.linear")
-    swapped = {"norm_out.linear.weight": "final_layer.adaLN_modulation.1.weight",
-               "norm_out.linear.bias": "final_layer.adaLN_modulation.1.bias"} if modulated else {}
-    return renames, fused, swapped
-
-
-def swap_halves(t):
-    """(a, b) → (b, a) along dim 0: BFL's (shift, scale) ↔ diffusers' (scale, shift). Its own inverse."""
-    import torch
-
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def _block_count(keys, prefix: str) -> int:
-    return len({k.split(".", 2)[1] for k in keys if k.startswith(prefix)})
-
-
-def bfl_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
-    """BFL-layout Flux.1 transformer weights (no prefix) → diffusers names, for any width. diffusers' own converter
-    does the same but assumes FLUX.1's 3072-wide blocks; this one reads the width from `img_in.weight`. Consumes
-    `sd`. KeyError when a weight is missing. Chroma's layout (no modulation layers) converts too, less its
-    distilled_guidance_layer."""
-    inner = sd["img_in.weight"].shape[0]
-    renames, fused, swapped = _flux_names(_block_count(sd, "double_blocks."), _block_count(sd, "single_blocks."),
-                                          "guidance_in.in_layer.weight" in sd,
-                                          modulated="double_blocks.0.img_mod.lin.weight" in sd)
-    out = {hf: sd.pop(bfl) for hf, bfl in renames.items()}
-    for bfl, parts in fused.items():
-        t = sd.pop(bfl)
-        sizes = [inner] * 3 + ([t.shape[0] - 3 * inner] if len(parts) == 4 else [])
-        # Copies, as diffusers' converter makes (torch.cat): a view would keep the whole fused tensor alive.
-        out.update((hf, piece.clone()) for hf, piece in zip(parts, t.split(sizes, dim=0)))
-        del t
-    out.update({hf: swap_halves(sd.pop(bfl)) for hf, bfl in swapped.items()})
-    return out
-
-
 def _transformer_overrides(t: Mapping[str, tuple], base: Mapping[str, Any], components: "_Components") -> dict:
     """Config values of the file's transformer that differ from the shipped config (a fine-tune with fewer blocks,
     or the tiny demo model): read from the weights' shapes. `axes_dims_rope` cannot be read from shapes: when the
@@ -205,8 +115,8 @@ def _transformer_overrides(t: Mapping[str, tuple], base: Mapping[str, Any], comp
     inner, in_channels = t["img_in.weight"]
     head = t["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     patch = base.get("patch_size", 1)
-    derived = {"num_layers": _block_count(t, "double_blocks."),
-               "num_single_layers": _block_count(t, "single_blocks."),
+    derived = {"num_layers": block_count(t, "double_blocks."),
+               "num_single_layers": block_count(t, "single_blocks."),
                "attention_head_dim": head, "num_attention_heads": inner // head, "in_channels": in_channels,
                "joint_attention_dim": t["txt_in.weight"][1],
                "pooled_projection_dim": t["vector_in.in_layer.weight"][1],
@@ -331,76 +241,91 @@ def load_flux_single_file(path, *, allow_unsafe_pickle: bool = False, torch_dtyp
     `torch_dtype` (float32 when None); nothing is downloaded.
     """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from diffusers.loaders.single_file_utils import (create_diffusers_clip_model_from_ldm,
-                                                     create_diffusers_t5_model_from_checkpoint)
-    from transformers import CLIPTextModel, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     path = Path(path)
-    name = path.name
     _check_file(path)
-    ckpt = _Checkpoint(path, allow_unsafe_pickle)
-    shapes = ckpt.shapes
-    kind = flux_kind(shapes, name)
-    if kind is None:
-        other = _OTHER_NAMES.get(_known_other_type(shapes) or "")
-        raise StudioError(f"base_model: {name} is not a Flux.1 transformer checkpoint"
-                          f"{f' (it looks like {other})' if other else ''}. {SUPPORTED}.")
-    sources = _Components(components or DEFAULT_COMPONENTS, name,
-                          [part for part, prefix in (("CLIP-L text encoder", CLIP), ("T5 text encoder", T5),
-                                                     ("VAE", VAE)) if not _has(shapes, prefix)])
-    dtype = torch_dtype or torch.float32
-    configs = config_dir(kind)
-    prefix = TRANSFORMER if _has(shapes, TRANSFORMER) else ""
-    t_shapes = _transformer_shapes(shapes)
+    file = _FluxFile(path, allow_unsafe_pickle, components, torch_dtype or torch.float32)
+    parts: dict[str, Any] = {"transformer": _built("transformer", path.name, file.transformer)}
+    # A ComfyUI full checkpoint also holds the VAE and the text encoders: those come from the file.
+    for part, prefix, what, build in (("vae", VAE, "VAE", file.vae),
+                                      ("text_encoder", CLIP, "CLIP-L text encoder", file.clip),
+                                      ("text_encoder_2", T5, "T5 text encoder", file.t5)):
+        if _has(file.shapes, prefix):
+            parts[part] = _built(what, path.name, build)
+    configs, sources = file.configs, file.sources
+    del file  # the checkpoint's tensors: the built modules hold what they need
 
-    def transformer():
-        base = FluxTransformer2DModel.load_config(str(configs), subfolder="transformer")
-        overrides = _transformer_overrides(t_shapes, base, sources)
-        sd = {k[len(prefix):]: v for k, v in ckpt.take(prefix).items()
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(str(configs), subfolder="scheduler")
+    pipe = sources.load(parts, torch_dtype or torch.float32)
+    pipe.register_to_config(_name_or_path=str(path))
+    return pipe
+
+
+class _FluxFile:
+    """One Flux.1 single file: its kind, where its missing parts come from, and a builder per part it holds."""
+
+    def __init__(self, path: Path, allow_unsafe_pickle: bool, components: str | None, dtype):
+        self.name, self.dtype = path.name, dtype
+        self.ckpt = _Checkpoint(path, allow_unsafe_pickle)
+        self.shapes = shapes = self.ckpt.shapes
+        self.kind = flux_kind(shapes, self.name)
+        if self.kind is None:
+            other = _OTHER_NAMES.get(_known_other_type(shapes) or "")
+            raise StudioError(f"base_model: {self.name} is not a Flux.1 transformer checkpoint"
+                              f"{f' (it looks like {other})' if other else ''}. {SUPPORTED}.")
+        self.sources = _Components(components or DEFAULT_COMPONENTS, self.name,
+                                   [part for part, prefix in (("CLIP-L text encoder", CLIP), ("T5 text encoder", T5),
+                                                              ("VAE", VAE)) if not _has(shapes, prefix)])
+        self.configs = config_dir(self.kind)
+
+    def transformer(self):
+        from diffusers import FluxTransformer2DModel
+
+        prefix = TRANSFORMER if _has(self.shapes, TRANSFORMER) else ""
+        t_shapes = _transformer_shapes(self.shapes)
+        base = FluxTransformer2DModel.load_config(str(self.configs), subfolder="transformer")
+        overrides = _transformer_overrides(t_shapes, base, self.sources)
+        sd = {k[len(prefix):]: v for k, v in self.ckpt.take(prefix).items()
               if prefix or not k.startswith((VAE, "text_encoders."))}
         inner, mlp = t_shapes["img_in.weight"][0], t_shapes["single_blocks.0.linear1.weight"][0]
         if (inner, mlp - 3 * inner) != (FULL_WIDTH, 4 * FULL_WIDTH):
             sd = bfl_to_diffusers(sd)  # diffusers' converter splits at FLUX.1's widths only
-        return FluxTransformer2DModel.from_single_file(sd, config=str(configs), subfolder="transformer",
-                                                       torch_dtype=dtype, local_files_only=True, **overrides)
+        return FluxTransformer2DModel.from_single_file(sd, config=str(self.configs), subfolder="transformer",
+                                                       torch_dtype=self.dtype, local_files_only=True, **overrides)
 
-    def vae():
-        conv_in, conv_out = shapes.get(VAE + "encoder.conv_in.weight"), shapes.get(VAE + "encoder.conv_out.weight")
-        folder = sources.pick_config("vae", kind, lambda c: bool(conv_in and conv_out) and (
+    def vae(self):
+        from diffusers import AutoencoderKL
+
+        conv_in = self.shapes.get(VAE + "encoder.conv_in.weight")
+        conv_out = self.shapes.get(VAE + "encoder.conv_out.weight")
+        folder = self.sources.pick_config("vae", self.kind, lambda c: bool(conv_in and conv_out) and (
             c["block_out_channels"][0] == conv_in[0] and 2 * c["latent_channels"] == conv_out[0]), "VAE")
-        return AutoencoderKL.from_single_file(ckpt.take(VAE), config=str(folder), subfolder="vae", torch_dtype=dtype,
-                                              local_files_only=True)
+        return AutoencoderKL.from_single_file(self.ckpt.take(VAE), config=str(folder), subfolder="vae",
+                                              torch_dtype=self.dtype, local_files_only=True)
 
-    def clip():
-        width = shapes.get(CLIP + "text_model.embeddings.token_embedding.weight", (0, 0))[1]
-        layers = _layers(shapes, CLIP + "text_model.encoder.layers.")
-        folder = sources.pick_config("text_encoder", kind, lambda c: (
+    def clip(self):
+        from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+        from transformers import CLIPTextModel
+
+        width = self.shapes.get(CLIP + "text_model.embeddings.token_embedding.weight", (0, 0))[1]
+        layers = _layers(self.shapes, CLIP + "text_model.encoder.layers.")
+        folder = self.sources.pick_config("text_encoder", self.kind, lambda c: (
             c["hidden_size"] == width and c["num_hidden_layers"] == layers), "CLIP-L text encoder")
-        return create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint=ckpt.take(CLIP), config=str(folder),
-                                                    subfolder="text_encoder", torch_dtype=dtype,
-                                                    local_files_only=True)
+        return create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint=self.ckpt.take(CLIP),
+                                                    config=str(folder), subfolder="text_encoder",
+                                                    torch_dtype=self.dtype, local_files_only=True)
 
-    def t5():
-        width = shapes.get(T5 + "shared.weight", (0, 0))[1]
-        layers = _layers(shapes, T5 + "encoder.block.")
-        folder = sources.pick_config("text_encoder_2", kind, lambda c: (
+    def t5(self):
+        from diffusers.loaders.single_file_utils import create_diffusers_t5_model_from_checkpoint
+        from transformers import T5EncoderModel
+
+        width = self.shapes.get(T5 + "shared.weight", (0, 0))[1]
+        layers = _layers(self.shapes, T5 + "encoder.block.")
+        folder = self.sources.pick_config("text_encoder_2", self.kind, lambda c: (
             c["d_model"] == width and c["num_layers"] == layers), "T5 text encoder")
-        model = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, checkpoint=ckpt.take(T5), config=str(folder),
-                                                          subfolder="text_encoder_2", torch_dtype=dtype,
-                                                          local_files_only=True)
+        model = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, checkpoint=self.ckpt.take(T5),
+                                                          config=str(folder), subfolder="text_encoder_2",
+                                                          torch_dtype=self.dtype, local_files_only=True)
         model.tie_weights()  # files hold `shared.weight` only; the encoder's embedding is the same tensor
         return model
-
-    parts: dict[str, Any] = {"transformer": _built("transformer", name, transformer)}
-    # A ComfyUI full checkpoint also holds the VAE and the text encoders: those come from the file.
-    for part, prefix_, what, build in (("vae", VAE, "VAE", vae), ("text_encoder", CLIP, "CLIP-L text encoder", clip),
-                                       ("text_encoder_2", T5, "T5 text encoder", t5)):
-        if _has(shapes, prefix_):
-            parts[part] = _built(what, name, build)
-    del ckpt
-
-    parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(str(configs), subfolder="scheduler")
-    pipe = sources.load(parts, dtype)
-    pipe.register_to_config(_name_or_path=str(path))
-    return pipe
