@@ -471,7 +471,7 @@ def test_the_loss_line_draws_on_a_freshly_loaded_page(page, url, demo):
     page.set_viewport_size({"width": VIEWPORTS[0][0], "height": VIEWPORTS[0][1]})
 
 
-def test_tag_edits_of_a_demo_dataset_go_to_one_copy(demo, free_port, tmp_path):
+def test_tag_edits_of_a_demo_dataset_go_to_one_copy(page, demo, free_port, tmp_path):
     """The first bulk edit copies the demo dataset, moves the picker to the copy and says so (the message stays);
     the second edit goes to that copy, not to a second one."""
     from studio.ui.app import build_app, launch
@@ -480,9 +480,9 @@ def test_tag_edits_of_a_demo_dataset_go_to_one_copy(demo, free_port, tmp_path):
     blocks, studio = build_app(tmp_path)
     _, url, _ = launch(blocks, studio, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # A page of the module's browser (playwright allows one sync session at a time) on this test's studio.
+        page = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
             page.set_default_timeout(30_000)
             page.goto(url)
             open_tab(page, "Dataset")
@@ -497,7 +497,8 @@ def test_tag_edits_of_a_demo_dataset_go_to_one_copy(demo, free_port, tmp_path):
             page.locator("#tag-apply").click()
             page.locator("#tag-status").get_by_text("Add 'beta'").wait_for()
             assert "went to a copy" not in page.locator("#tag-status").inner_text()
-            browser.close()
+        finally:
+            page.close()
     finally:
         blocks.close()
     assert [p.name for p in studio.workspace.datasets.iterdir()] == ["demo-shapes"]
