@@ -70,38 +70,14 @@ def dataset_tab(studio: Studio) -> DatasetTab:
                 save = gr.Button("Save captions", elem_id="save-captions")
         shown = gr.State([])  # the file names of the gallery's thumbnails, in order
         files = file_manager()
-        with gr.Accordion("Auto-label (BLIP / VLM captions, CLIP / WD14 tags)", open=False,
-                          elem_id="auto-label") as labelling:
-            with gr.Row():
-                mode = gr.Dropdown(LABEL_MODES, value="caption+tags", label="What to write")
-                trigger = gr.Textbox(label="Trigger word (put first)", placeholder="sks_style")
-                overwrite = gr.Checkbox(label="Replace existing captions")
-            with gr.Row():
-                clip_model = gr.Dropdown(choices["clip"], value=choices["clip"][0][1], allow_custom_value=True,
-                                         label="CLIP model (hub id or folder)")
-                blip_model = gr.Dropdown(choices["blip"], value=choices["blip"][0][1], allow_custom_value=True,
-                                         label="BLIP model (hub id or folder)")
-            with gr.Row():  # WD14 tagger
-                wd14_model = gr.Dropdown(choices["wd14"], value=choices["wd14"][0][1], allow_custom_value=True,
-                                         label="WD14 tagger (hub id or folder with model.onnx + selected_tags.csv)")
-                general_threshold = gr.Slider(0, 1, value=choices["general_threshold"], step=0.01,
-                                              label="WD14 general tag threshold")
-                character_threshold = gr.Slider(0, 1, value=choices["character_threshold"], step=0.01,
-                                                label="WD14 character tag threshold")
-            with gr.Row():  # VLM
-                vlm_model = gr.Dropdown(choices["vlm"], value=choices["vlm"][0][1], allow_custom_value=True,
-                                        label="VLM (image-text-to-text hub id or folder)")
-                instruction = gr.Textbox(value=choices["instruction"], label="VLM instruction (Florence-2: a task "
-                                                                            "prompt such as <DETAILED_CAPTION>)")
-            label_button = gr.Button("Auto-label", variant="primary", elem_id="auto-label-button")
-            label_status = gr.Markdown(elem_id="auto-label-status")  # by the button that it answers
+        labelling = _auto_label_section(choices)
         health_section(studio, dataset)
         tag_edits = tag_editor_section(studio, dataset)
 
     view = [gallery, table, report, fixer.problems, files.picked, shown]
     for edit in tag_edits:  # the caption table shows what a bulk edit wrote (a later Save keeps it)
         edit.then(partial(show_dataset, studio), dataset, view, api_visibility="private")
-    image_only = [gallery, save, labelling, files.accordion, table]
+    image_only = [gallery, save, labelling.accordion, files.accordion, table]
     dataset.change(partial(show_dataset, studio), dataset, view, api_name="show_dataset")
     dataset.change(partial(image_controls, studio), dataset, image_only, api_visibility="private")
     refresh.click(partial(refresh_datasets, studio), dataset, dataset, api_name="list_datasets")
@@ -113,12 +89,50 @@ def dataset_tab(studio: Studio) -> DatasetTab:
                   preprocess=False).then(partial(image_controls, studio), dataset, image_only,
                                          api_visibility="private")  # the upload decides the kind
     save.click(partial(save_captions, studio), [dataset, table], edit_outputs, api_name="save_captions")
-    label_button.click(partial(auto_label, studio), [dataset, mode, overwrite, trigger, clip_model, blip_model,
-                                                     wd14_model, general_threshold, character_threshold, vlm_model,
-                                                     instruction], [label_status, *edit_outputs[1:]],
-                       api_name="auto_label", show_progress_on=label_status)  # the progress too: not over the gallery
+    labelling.button.click(partial(auto_label, studio), [dataset, *labelling.options],
+                           [labelling.status, *edit_outputs[1:]], api_name="auto_label",
+                           show_progress_on=labelling.status)  # the progress too: not over the gallery
     wire_file_actions(studio, dataset, status, view, gallery, shown, fixer, files)
     return DatasetTab(dataset, view, image_only)
+
+
+@dataclass
+class AutoLabelControls:
+    accordion: gr.Accordion
+    button: gr.Button
+    status: gr.Markdown  # the answer and the progress, right by the button
+    options: list  # the inputs of auto_label after the dataset, in its parameter order
+
+
+def _auto_label_section(choices: dict) -> AutoLabelControls:
+    with gr.Accordion("Auto-label (BLIP / VLM captions, CLIP / WD14 tags)", open=False,
+                      elem_id="auto-label") as accordion:
+        with gr.Row():
+            mode = gr.Dropdown(LABEL_MODES, value="caption+tags", label="What to write")
+            trigger = gr.Textbox(label="Trigger word (put first)", placeholder="sks_style")
+            overwrite = gr.Checkbox(label="Replace existing captions")
+        with gr.Row():
+            clip_model = gr.Dropdown(choices["clip"], value=choices["clip"][0][1], allow_custom_value=True,
+                                     label="CLIP model (hub id or folder)")
+            blip_model = gr.Dropdown(choices["blip"], value=choices["blip"][0][1], allow_custom_value=True,
+                                     label="BLIP model (hub id or folder)")
+        with gr.Row():  # WD14 tagger
+            wd14_model = gr.Dropdown(choices["wd14"], value=choices["wd14"][0][1], allow_custom_value=True,
+                                     label="WD14 tagger (hub id or folder with model.onnx + selected_tags.csv)")
+            general_threshold = gr.Slider(0, 1, value=choices["general_threshold"], step=0.01,
+                                          label="WD14 general tag threshold")
+            character_threshold = gr.Slider(0, 1, value=choices["character_threshold"], step=0.01,
+                                            label="WD14 character tag threshold")
+        with gr.Row():  # VLM
+            vlm_model = gr.Dropdown(choices["vlm"], value=choices["vlm"][0][1], allow_custom_value=True,
+                                    label="VLM (image-text-to-text hub id or folder)")
+            instruction = gr.Textbox(value=choices["instruction"], label="VLM instruction (Florence-2: a task "
+                                                                        "prompt such as <DETAILED_CAPTION>)")
+        label_button = gr.Button("Auto-label", variant="primary", elem_id="auto-label-button")
+        label_status = gr.Markdown(elem_id="auto-label-status")  # by the button that it answers
+    return AutoLabelControls(accordion, label_button, label_status,
+                             [mode, overwrite, trigger, clip_model, blip_model, wd14_model, general_threshold,
+                              character_threshold, vlm_model, instruction])
 
 
 def _first_dataset(studio: Studio) -> str | None:
