@@ -136,7 +136,7 @@ class StudioLoop:
     def step(self, length: int) -> float:
         from contextlib import nullcontext
 
-        from studio.data.text import Example
+        from studio.data.text_tokens import Example
         torch = self.torch
         ids = torch.randint(0, self.vocab, (length,), generator=self.rng).tolist()
         self.engine.examples = [Example(ids, list(ids), list(range(length)))]

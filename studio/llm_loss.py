@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100  # studio.data.text.IGNORE (not imported: that module keeps torch out of the Dataset tab's imports)
+from studio.data.text import IGNORE
+
 CHUNK_LOGITS = 2**24  # logits per chunk (64 MB in fp32): GEMMs large enough to keep a GPU busy
 # Per logit of a chunk while its backward runs: the 16-bit logits, their fp32 copy, the saved log-softmax and the
 # fp32 and 16-bit gradients.

@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from studio.data.text import IGNORE, Example, collate, pack
+from studio.data.text import IGNORE
+from studio.data.text_tokens import Example, collate, pack
 from studio.llm_loss import causal_lm_loss, chunk_tokens, why_not_chunked
 
 CHUNK = 7

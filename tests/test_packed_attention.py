@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 from studio.config import config_from_dict
-from studio.data.text import Example, collate, pack
+from studio.data.text_tokens import Example, collate, pack
 from studio.engines.packed_attention import DENSE_UP_TO, GROUPED, VARLEN, choose
 from studio.llm_loss import causal_lm_loss
 from studio.events import EventSink

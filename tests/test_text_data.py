@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from studio.data.text import (IGNORE, TextDatasetError, collate, ensure_chat_template, pack, raise_problems,
-                              read_dataset, tokenize_records)
+from studio.data.text import IGNORE, TextDatasetError, raise_problems, read_dataset
+from studio.data.text_tokens import collate, ensure_chat_template, pack, tokenize_records
 from studio.engines.packed_attention import GROUPED
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What do bees make?"},

@@ -1,6 +1,6 @@
 """Causal LM chat LoRA / QLoRA (Llama, Qwen, Mistral, ...) via transformers + peft, optionally 4-bit bitsandbytes.
 
-The data is tokenized once at load (studio.data.text): every batch is ready token ids, labels (assistant tokens
+The data is tokenized once at load (studio.data.text_tokens): every batch is ready token ids, labels (assistant tokens
 only by default) and positions. The loop does the rest (precision, accumulation, checkpoints, resume).
 
 Outputs: `output_dir/<name>/` is a peft adapter folder (adapter_model.safetensors, adapter_config.json, tokenizer
@@ -22,8 +22,8 @@ from transformers.pytorch_utils import Conv1D
 
 from studio.adapters import adapter_config
 from studio.config import RunConfig
-from studio.data.text import (IGNORE, Example, Record, collate, ensure_chat_template, pack, raise_problems,
-                              read_dataset, tokenize_records)
+from studio.data.text import IGNORE, Record, raise_problems, read_dataset
+from studio.data.text_tokens import Example, collate, ensure_chat_template, pack, tokenize_records
 from studio.engines import packed_attention
 from studio.data.held_out import split_held_out
 from studio.engines.base import Engine, Sample
