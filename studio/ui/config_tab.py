@@ -19,7 +19,7 @@ from studio.plan.report import gb_text
 from studio.plan.speed import estimate_text, run_signature
 from studio.suggest import suggest_config, suggestion_yaml
 from studio.ui.common import choices_update, error, help_table, note, ok, reports_errors
-from studio.ui.config_form import (FORM_KEYS, FORM_ROWS, GPU_KEY, form_edit, form_widget, set_config_key,
+from studio.ui.config_form import (FORM_ROWS, GPU_KEY, form_edit, form_widget, set_config_key,
                                    set_yaml_key, yaml_to_form)
 from studio.ui.context import Studio
 from studio.ui.preset_picks import dataset_for, is_text_preset, models_for

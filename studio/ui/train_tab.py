@@ -12,7 +12,6 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.errors import StudioError
 from studio.jobs import JobState
 from studio.ui.common import duration_text, error, note, ok, reports_errors
 from studio.ui.context import Studio
