@@ -28,13 +28,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from bench.results import update_results  # noqa: E402
+from studio.compute_dtype_norms import norms_in_compute_dtype  # noqa: E402
 from studio.config import config_from_dict  # noqa: E402
 from studio.demo import ensure_demo  # noqa: E402
 from studio.demo.datasets import build_demo_images  # noqa: E402
 from studio.events import EventSink  # noqa: E402
+from studio.families import get_family  # noqa: E402
+from studio.fused_lora import fuse_lora_linears  # noqa: E402
 from studio.loop import train  # noqa: E402
+from studio.plan.autocast_trace import AutocastRules  # noqa: E402
 from studio.tasks import TEXT_TASK  # noqa: E402
 
 PROFILED = (6, 12)  # updates, inclusive
@@ -112,12 +117,48 @@ def count(model: Path, data: Path, overrides: dict, out: Path, profiled: tuple[i
             "mm": names.count("aten::mm") / updates, "s_per_update": statistics.median(seconds)}
 
 
+class CastCounter(TorchDispatchMode):
+    """Counts the dtype casts a pass dispatches (each one a copy kernel on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+def cuda_rule_casts(unet_dir: Path, batch: int = 8) -> list[int]:
+    """Casts in one forward + backward of the trainer's LoRA UNet (bf16, fused LoRA layers) under CUDA autocast's
+    rules, emulated on the CPU as the memory plan traces them (CPU autocast keeps norms 16-bit, so the trainer's CPU
+    counts cannot show these): with autocast's fp32 norms, then with the trainer's compute-dtype norms."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(unet_dir).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=list(get_family("sd15").load_recipe().targets)))
+    unet.to(torch.bfloat16)
+    fuse_lora_linears([unet]), norms_in_compute_dtype([unet], torch.bfloat16)
+    sample = torch.randn(batch, unet.config.in_channels, 8, 8, dtype=torch.bfloat16)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=torch.bfloat16)
+    counts = []
+    for fp32_norms in (True, False):
+        with CastCounter() as casts:
+            with AutocastRules(torch.bfloat16, fp32_norms):
+                pred = unet(sample, torch.full((batch,), 500), text).sample
+            torch.nn.functional.mse_loss(pred.float(), sample.float()).backward()
+        counts.append(casts.count)
+    return counts
+
+
 def main(only: list[str]) -> str:
     tmp = Path(tempfile.mkdtemp())
     lines = [f"Trainer, bf16 autocast, LoRA rank 8 (default targets), on cpu, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; per update, profiled over updates {PROFILED[0]}-{PROFILED[1]}, "
              f"s/update the median of the {TIMED - 1} after.", "",
              "| model | aten ops | aten::copy_ | aten::mm | s/update |", "|---|---|---|---|---|"]
+    notes = [""]
     for name, (model, data, overrides) in models(tmp).items():
         if only and name not in only:
             continue
@@ -125,8 +166,14 @@ def main(only: list[str]) -> str:
         lines.append(f"| {name} | {r['ops']:,.0f} | {r['copies']:,.0f} | {r['mm']:,.0f} | "
                      f"{r['s_per_update'] * 1000:.0f} ms |")
         print(lines[-1], flush=True)
+        if name == "sd15":
+            fp32_norms, ours = cuda_rule_casts(model / "unet")
+            notes.append("SD1.5 proxy under CUDA autocast's rules (emulated on the CPU as the memory plan traces them; "
+                         f"CPU autocast keeps norms 16-bit, so the rows above cannot show this): {fp32_norms} casts "
+                         f"per forward + backward with autocast's fp32 norms, {ours} with the trainer's norms in "
+                         "the compute dtype (studio/compute_dtype_norms.py). Each is a copy kernel on a GPU.")
     shutil.rmtree(tmp, ignore_errors=True)
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 if __name__ == "__main__":

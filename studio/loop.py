@@ -3,11 +3,10 @@
 Read top to bottom: set up (device, engine, optimizer, schedule), maybe resume, then updates until the step budget
 is spent or a stop is requested, with validation, samples and checkpoints on the way (also when asked for through
 `Requests`), then the export. Each update is one group of `batch_size * gradient_accumulation_steps` samples, run
-as micro-batches of `batch_size` whose gradients add up; with num_processes > 1 the group is that many times larger
-and each process runs its share of it (studio/distributed.py: the gradients are summed over the processes, and only
-the main process writes).
-An update that runs out of memory is retried with smaller settings (studio/backoff.py), and `output_dir/config.yaml`
-is rewritten with them. What differs between image and text training lives in the engine (studio/engines/).
+as micro-batches of `batch_size` whose gradients add up; with num_processes > 1 each process runs its share of a
+group that many times larger (studio/distributed.py sums the gradients; only the main process writes). An update
+that runs out of memory is retried with smaller settings (studio/backoff.py), and `output_dir/config.yaml` is
+rewritten with them. What differs between image and text training lives in the engine (studio/engines/).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 from studio import checkpoints
 from studio.backoff import BLOCK_SWAP, CHECKPOINTING, apply_backoff, exhausted_message, next_backoff
 from studio.checkpoints import Position
+from studio.compute_dtype_norms import norms_in_compute_dtype
 from studio.config import RunConfig, save_config
 from studio.distributed import Processes, join
 from studio.engines import make_engine
@@ -215,12 +215,12 @@ class _Training:
         self.weights = trainable_weights(engine.param_groups(), autocast, procs.sharded)
         if not (procs.sharded or cfg.torch_compile):  # FSDP owns the weights' storage; dynamo: eager-only Function
             from studio.fused_lora import fuse_lora_linears  # imports peft
-
             fuse_lora_linears(engine.trainable_modules())
+        if autocast is not None:  # no fp32 round trip around every norm (studio/compute_dtype_norms.py)
+            norms_in_compute_dtype(engine.trainable_modules(), autocast)
         self.optimizer = build_optimizer(cfg, self.weights.groups, device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
-        # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)  # fp16 underflows; bf16 not
         self.rng = torch.Generator().manual_seed(cfg.seed)  # noise and timesteps are drawn from here (checkpointed)
         self.best_val: tuple[float, int] | None = None  # (loss, step): the lowest validation loss so far
         self.validated_step: int | None = None

@@ -6,16 +6,20 @@ Rows whose code path another open issue changed keep their measurement in the fi
 reason: only a new measurement may replace them. The image rows stay: the 16-bit LoRA compute weights
 (studio/master_weights.py) came after them, but change the traced activations by under 0.5 % (4 MB per SD1.5 sample:
 peft no longer casts each LoRA input to fp32 and back) and the LoRA bytes by 2 per parameter (a plan row); the VAE
-that staged residency now keeps off the card in training is counted back as the measured run held it."""
+that staged residency now keeps off the card in training is counted back as the measured run held it, and the norms
+that now run in the compute dtype (studio/compute_dtype_norms.py) are traced under autocast's fp32 rule, as they ran.
+tests/test_compute_dtype_norms.py checks the plan's trace of today's norms against a run of them."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 import train
 
-from studio.plan import probes
+from studio.plan import probes, terms
+from studio.plan.autocast_trace import trace_autocast
 from studio.plan.memory import weight_dtype
 from studio.plan.models import LLM_REFERENCE
 from studio.plan.probes import Shape
@@ -45,10 +49,10 @@ OUT_OF_MEMORY = [row for row in ROWS if row["outcome"].startswith("out of memory
 
 @pytest.mark.slow  # plans full-size SD1.5 and SDXL (about 20 s each, cold)
 @pytest.mark.parametrize("row", TRAINED, ids=[row["id"] for row in TRAINED])
-def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row):
+def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row, monkeypatch):
     if row.get("changed_by"):
         pytest.skip(row["changed_by"])
-    fitted = _fit(row)
+    fitted = _fit(row, monkeypatch)
     train = sum(row.gb for row in fitted.plan.rows if row.name != CONTEXT_ROW)  # the rows are the train phase's
     planned = train + _resident_then(row, fitted)
     measured = row["measured_alloc_gb"]
@@ -59,14 +63,16 @@ def test_plan_is_at_or_above_the_measured_peak_and_within_15_percent(row):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("row", OUT_OF_MEMORY, ids=[row["id"] for row in OUT_OF_MEMORY])
-def test_a_config_that_ran_out_of_memory_in_training_is_not_planned_to_fit(row):
+def test_a_config_that_ran_out_of_memory_in_training_is_not_planned_to_fit(row, monkeypatch):
     if row.get("changed_by"):
         pytest.skip(row["changed_by"])
-    plan = _fit(row).plan
+    plan = _fit(row, monkeypatch).plan
     assert not plan.fits, plan.table()
 
 
-def _fit(row: dict):
+def _fit(row: dict, monkeypatch):
+    if row["ran_with"].get("norms", "").startswith("fp32"):
+        monkeypatch.setattr(terms, "trace_autocast", partial(trace_autocast, fp32_norms=True))
     fitted = fit_reference(row["model"], row["card_gb"], **row["config"])
     assert {key: getattr(fitted.cfg, key) for key in row["config"]} == row["config"]  # the very config measured
     return fitted
