@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from bench.ops_per_update import CastCounter
+from bench.ops_per_update import DispatchCounter
 from studio import loop
 from studio.compute_dtype_norms import GroupNormInComputeDtype, LayerNormInComputeDtype, norms_in_compute_dtype
 from studio.config import config_from_dict
@@ -61,7 +61,7 @@ def test_under_cuda_autocast_rules_the_norms_cast_nothing(demo):
     unet.conv_in.weight.requires_grad_(True)  # so that the backward runs through every layer
     counts = []
     for fp32_norms in (True, False):
-        with CastCounter() as casts:
+        with DispatchCounter() as casts:
             with AutocastRules(torch.bfloat16, fp32_norms):
                 loss = unet(*(x.bfloat16() if x.is_floating_point() else x for x in inputs)).sample
             loss.float().square().mean().backward()

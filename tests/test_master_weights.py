@@ -19,8 +19,10 @@ BF16 = {"mixed_precision": "bf16", "device": "cpu", "resolution": 64, "enable_bu
         "lora_rank": 4, "lora_dropout": 0.1, "max_train_steps": 8}
 # The tiny demo UNet, bf16, batch 8: 613 aten::copy_ per update with fp32 LoRA weights (casts in every LoRA call);
 # 242 with master weights (a cat of the LoRA gradients, LoRA's scalar casts); 155 with the fused LoRA path
-# (studio/fused_lora.py), most of them the base model's (its 0-dim scalar casts, bias copies in CPU addmm).
+# (studio/fused_lora.py), most of them the base model's (its 0-dim scalar casts, bias copies in CPU addmm); of those
+# 34 are dispatched as ops of their own, the copies a GPU runs as kernels (the rest happen inside CPU kernels).
 COPIES_BOUND = 165
+DISPATCHED_COPIES_BOUND = 40
 
 
 def _run(demo, out, stop=None, **extra):
@@ -100,4 +102,4 @@ def test_gradients_land_in_the_flat_buffer_even_when_a_grad_was_reset():
 def test_bf16_update_needs_few_copies(demo, tmp_path):
     counted = count(demo.sd15, demo.images, {**BF16, "batch_size": 8, "gradient_accumulation_steps": 1},
                     tmp_path / "run", profiled=(3, 4), timed=2)
-    assert counted["copies"] <= COPIES_BOUND
+    assert counted["copies"] <= COPIES_BOUND and counted["kernel_copies"] <= DISPATCHED_COPIES_BOUND
