@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch.overrides import TorchFunctionMode
 
 from bench.ops_per_update import DispatchCounter
 from studio import loop
@@ -92,3 +93,54 @@ def test_swapped_norms_keep_gradients_flowing(demo, rules):
     _loss(unet, inputs, rules).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in unet.modules()
                if isinstance(m, GroupNormInComputeDtype) for p in m.parameters())
+
+
+def _rms_pair():
+    from diffusers.models.normalization import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    lean = copy.deepcopy(norm)
+    assert norms_in_compute_dtype([lean], torch.bfloat16) == 1
+    return norm, lean
+
+
+class _RmsNormCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.rms_norm
+        return func(*args, **(kwargs or {}))
+
+
+def test_diffusers_rms_norm_runs_as_one_fused_call_within_bf16_rounding():
+    norm, lean = _rms_pair()
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16) * 3
+    exact = norm.float()(x.float())
+    norm.bfloat16()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), _RmsNormCalls() as calls:
+            ours, theirs = lean(x), norm(x)
+        assert calls.calls == 1 and ours.dtype == theirs.dtype == torch.bfloat16  # on CUDA: `_fused_rms_norm`
+        assert (ours.float() - exact).abs().max() <= 2 * (theirs.float() - exact).abs().max() + 1e-6
+
+
+def test_the_plan_keeps_what_the_fused_rms_norm_keeps():
+    """The planner's trace of a swapped RMSNorm (meta device) holds the input and one fp32 value per row, as CUDA's
+    fused kernel does; diffusers' own forward keeps an fp32 copy of the input and more."""
+    from studio.plan.trace import trace_saved
+
+    norm, lean = _rms_pair()
+
+    def saved(module) -> int:
+        layer = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), module).to("meta", torch.bfloat16)
+        layer[0].weight.requires_grad_(False)
+        x = torch.empty(4, 16, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+        return trace_saved(layer, lambda: layer(x).float().sum(), lambda model, func: None).outside
+
+    rows = 4 * 16
+    assert saved(lean) == rows * 64 * 2 + rows * 4  # the norm's input and 1/RMS (the frozen linear: its weight)
+    assert saved(norm) > saved(lean) + rows * 64 * 4  # at least an fp32 copy of the input more

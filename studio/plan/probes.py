@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from studio.compute_dtype_norms import norms_in_compute_dtype
 from studio.families import get_family
 from studio.plan.models import (ModelSource, build_image_components, build_llm, image_source, llm_source,
                                 param_count)
@@ -85,6 +86,7 @@ def _build_image(shape: Shape) -> Built:
     lora_params = sum(p.numel() for m in trained for p in m.parameters() if p.requires_grad)
     for module in trained:
         module.to(shape.dtype).train()
+    _as_the_loop_runs(trained, shape.dtype)
 
     scale = vae_scale_factor(vae.config)
     tokens, width = recipe.text_shape(denoiser)
@@ -126,6 +128,7 @@ def _build_llm(shape: Shape) -> Built:
                                              task_type="CAUSAL_LM"))
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.to(shape.dtype).train()
+    _as_the_loop_runs([model], shape.dtype)
 
     def run(length: int) -> torch.Tensor:
         ids = torch.zeros(1, length, dtype=torch.long, device="meta")
@@ -134,6 +137,12 @@ def _build_llm(shape: Shape) -> Built:
         return causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})  # the engine's loss
 
     return Built(source, frozen, lora_params, quantizable, 0, model, run, _transformers_checkpointing)
+
+
+def _as_the_loop_runs(trained: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    """The norms the training loop runs in the compute dtype under autocast (16-bit runs), swapped the same way."""
+    if dtype != torch.float32:
+        norms_in_compute_dtype(trained, dtype)
 
 
 def _transformers_checkpointing(model: torch.nn.Module, func: Callable) -> None:

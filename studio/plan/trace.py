@@ -71,9 +71,25 @@ class _FusedAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-class _AttentionAsFused(TorchFunctionMode):
-    """Routes `scaled_dot_product_attention` to `_FusedAttention`, and counts its FLOPs (the FLOP counter cannot
-    see inside a custom Function): 4·N·M·D forward, 2.5× that backward, as flash attention does."""
+class _FusedRMSNorm(torch.autograd.Function):
+    """Shape-only stand-in for CUDA's fused `F.rms_norm` (`_fused_rms_norm`): keeps the input and the fp32
+    reciprocal RMS per row, where its CPU / meta composite keeps an fp32 copy of the input as well."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, x.new_empty(*x.shape[:-1], 1, dtype=torch.float32))
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, _ = ctx.saved_tensors
+        return torch.empty_like(x), None
+
+
+class _AsFusedKernels(TorchFunctionMode):
+    """Routes `scaled_dot_product_attention` to `_FusedAttention` and `rms_norm` to `_FusedRMSNorm`, and counts
+    attention's FLOPs (the FLOP counter cannot see inside a custom Function): 4·N·M·D forward, 2.5× that backward,
+    as flash attention does."""
 
     def __init__(self):
         super().__init__()
@@ -81,6 +97,8 @@ class _AttentionAsFused(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.nn.functional.rms_norm:
+            return _FusedRMSNorm.apply(args[0], args[2] if len(args) > 2 else kwargs.get("weight"))
         if func is torch.nn.functional.scaled_dot_product_attention:
             q, k, v = (*args, *(kwargs[name] for name in ("query", "key", "value")[len(args):]))[:3]
             n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -118,7 +136,7 @@ def trace_saved(model: torch.nn.Module, run: Runner,
         return out
 
     enable_checkpointing(model, recording_checkpoint)
-    with outer.hooks(), _AttentionAsFused():
+    with outer.hooks(), _AsFusedKernels():
         run()
     result.outside = outer.bytes
     return result
@@ -126,7 +144,7 @@ def trace_saved(model: torch.nn.Module, run: Runner,
 
 def count_flops(run: Runner) -> int:
     """FLOPs of one forward + backward of `run()` (meta tensors), attention included."""
-    attention = _AttentionAsFused()
+    attention = _AsFusedKernels()
     with FlopCounterMode(display=False) as counter, attention:
         run().backward()
     return int(counter.get_total_flops()) + attention.flops
