@@ -219,8 +219,9 @@ def test_fsdp_trains_the_llm_like_ddp(demo, llm_runs, tmp_path):
     _, two, _ = llm_runs
     fsdp = launch(config_from_dict(llm_values(demo, tmp_path / "fsdp", num_processes=2, distributed="fsdp")))
     assert yaml.safe_load((tmp_path / "fsdp" / ACCELERATE_CONFIG).read_text())["distributed_type"] == "FSDP"
-    # measured: bit-identical to ddp (all-gathered weights are the same numbers)
-    assert max_difference(adapter_weights(two.files[0]), adapter_weights(fsdp.files[0])) == 0.0
+    # ddp runs the fused LoRA layers (studio/fused_lora.py: base + LoRA input gradients summed in one addmm, a
+    # reassociated fp32 sum), fsdp peft's own: the same within fp32 rounding (measured 1.3e-7)
+    assert max_difference(adapter_weights(two.files[0]), adapter_weights(fsdp.files[0])) <= 1e-6
 
 
 @pytest.fixture(scope="module")
