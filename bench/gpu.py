@@ -15,7 +15,8 @@ On a CUDA machine with >= 24 GB (written for a lent H100/H200: 16 cores, no inte
    variants (fp16 / bf16, adamw / adamw8bit, QLoRA, SD1.5 batch 8). Cases whose fitted configs are identical run
    once, on the smallest card, and the other cards point at that run; plans that say "too big" are not run.
    Measured: s/it after the first 5 updates, samples/s or tokens/s, MFU (planned FLOPs per sample x samples per
-   update / s per update / the device's dense bf16 peak), peak allocated memory from the first update on vs the
+   update / s per update / the device's dense bf16 peak), the GPU's busy share and kernels per update over the last
+   3 updates (torch.profiler; those stay out of s/it), peak allocated memory from the first update on vs the
    plan's allocated part, peak reserved, the load phase's peak, back-offs, and whether the last loss is finite.
 3. Longest context of Llama 3.1 8B QLoRA r=32 with gradient checkpointing at a 24 GB cap: a plain transformers+peft
    loop (bitsandbytes NF4, peft's prepare_model_for_kbit_training with its default checkpointing, the model's own
@@ -39,8 +40,8 @@ and exits 0.
 
 The code, one job a module beside this command line: gpu_parts (the parts), gpu_cases (cases from the planner),
 gpu_models (models and data), gpu_runs (one trainer run), gpu_context (the context search), gpu_session (setup,
-budget, results so far), gpu_device (CUDA or the dry-run CPU), gpu_speed (MFU), gpu_report (the report),
-gpu_log (printing).
+budget, results so far), gpu_device (CUDA or the dry-run CPU), gpu_speed (MFU), gpu_busy (the GPU's busy share),
+gpu_report (the report), gpu_log (printing).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from gpu_speed import DEFAULT_STEPS, warmup_for
 from studio.plan.memory import CUDA_CONTEXT_GB
 
 PLAN_TOLERANCE = 0.15  # measured allocated peak within ±15 % of the plan's allocated part
-MFU_TARGET = 0.35  # SD1.5, 512 px, batch 8
+# issue 24: (case, what it is, MFU target); each alone on the card (a part of its own: bench/gpu.py)
+MFU_TARGETS = (("sd15/batch 8/24", "SD1.5 512 px batch 8", 0.35), ("sdxl/planner/24", "SDXL 1024 px", 0.30),
+               ("llm/planner/24", "Llama 3.1 8B bf16 LoRA", 0.45))
 CONTEXT_TARGET = 4.0  # studio's longest context / the plain loop's
 
 
@@ -42,11 +44,12 @@ def target_rows(results: list[dict]) -> list[tuple[str, str, bool | None]]:
     rows = _by_id(results)
     out = []
 
-    b8 = rows.get("sd15/batch 8/24")
-    value = b8.get("mfu") if b8 and b8.get("status") == "ok" else None
-    text = "not measured" if value is None else f"{value * 100:.1f} % ({b8['config']})"
-    out.append((f"SD1.5 512 px batch 8: MFU ≥ {MFU_TARGET * 100:.0f} %", text,
-                None if value is None else value >= MFU_TARGET and b8["length"] == 512 and b8["batch_size"] == 8))
+    for case, what, target in MFU_TARGETS:
+        run = _measured(rows[case], results) if case in rows else {}
+        value = run.get("mfu") if run.get("status") == "ok" else None
+        busy = "" if run.get("gpu_busy") is None else f", GPU busy {run['gpu_busy'] * 100:.0f} %"
+        text = "not measured" if value is None else f"{value * 100:.1f} % ({rows[case]['config']}{busy})"
+        out.append((f"{what}: MFU ≥ {target * 100:.0f} %", text, None if value is None else value >= target))
 
     xl = rows.get("sdxl/planner/24")
     run = _measured(xl, results) if xl else None
@@ -89,19 +92,26 @@ def _throughput(row: dict) -> str:
     return cell(row.get("samples_per_s"), ".2f", " img/s")
 
 
+def _busy(row: dict) -> str:
+    """'58 % (2,104)': the GPU's busy share over the profiled updates and CUDA kernels per update."""
+    if row.get("gpu_busy") is None:
+        return "—"
+    return f"{row['gpu_busy'] * 100:.0f} % ({row['kernels_per_update']:,.0f})"
+
+
 def _run_line(row: dict) -> str:
     shared = row.get("same_as")
     if shared or row["status"].startswith("not run"):
-        measured = ["—"] * 8
+        measured = ["—"] * 9
     else:
         ratio = row.get("ratio")
         percent = None if row.get("mfu") is None else row["mfu"] * 100
-        measured = [cell(row.get("s_per_it"), ".3f"), _throughput(row), cell(percent, ".1f", " %"),
+        measured = [cell(row.get("s_per_it"), ".3f"), _throughput(row), cell(percent, ".1f", " %"), _busy(row),
                     cell(row.get("measured_alloc_gb"), ".2f"), cell(ratio, ".2f"),
                     cell(row.get("measured_reserved_gb"), ".2f"), cell(row.get("load_peak_gb"), ".2f"),
                     cell(row.get("loss"), ".4g")]
         if ratio is not None and abs(ratio - 1) > PLAN_TOLERANCE:
-            measured[4] = f"**{measured[4]}**"
+            measured[5] = f"**{measured[5]}**"
     status = row["status"] + (f" (started with {row['leftover_gb']:.1f} GB left by an earlier run)"
                               if row.get("leftover_gb") else "")
     cells = [row["model"], row["case"], f"{row['card_gb']:g} GB", row["config"], status,
@@ -175,8 +185,8 @@ def format_report(results: list[dict], meta: dict) -> str:
     if runs:
         lines += ["", "### Runs", "",
                   "| model | case | card | config (micro-batch×accum.) | result | planned alloc / peak | s/it | "
-                  "throughput | MFU | measured alloc | meas./plan | reserved | load | last loss |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "throughput | MFU | GPU busy (kernels/update) | measured alloc | meas./plan | reserved | load | "
+                  "last loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_run_line(row) for row in runs]
         phased = [line for line in map(_phase_line, runs) if line]
         if phased:

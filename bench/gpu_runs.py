@@ -1,5 +1,6 @@
 """One case through the real trainer (studio.loop.train) on its emulated card, and what it measured: time per
-update, throughput, MFU, peak memory against the plan, back-offs, the last loss."""
+update, throughput, MFU, the GPU's busy share (gpu_busy.py), peak memory against the plan, back-offs, the last
+loss."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from gpu_busy import PROFILED, BusyProfile
 from gpu_cases import Case, case_row
 from gpu_device import Cuda
 from gpu_log import error_text, say
@@ -21,8 +23,8 @@ class Watcher:
     each residency phase before training (encode, cache, and the denoiser's arrival as `train`), all of them together
     as the load peak. From the first update on the peak is one figure (train, sample, validate and save alternate)."""
 
-    def __init__(self, gpu: Cuda):
-        self.gpu = gpu
+    def __init__(self, gpu: Cuda, busy: BusyProfile | None = None):
+        self.gpu, self.busy = gpu, busy
         self.times: list[float] = []
         self.losses: list[float] = []
         self.backoffs: list[str] = []
@@ -46,6 +48,8 @@ class Watcher:
         elif event.kind == "progress":
             self.times.append(time.perf_counter())
             self.losses.append(event.data.get("loss"))
+            if self.busy:
+                self.busy.on_update(len(self.times))
         elif event.kind == "backoff":
             self.backoffs.append(event.message)
         elif event.kind == "log" and "tokens" in event.data:
@@ -100,7 +104,9 @@ def _train_case(session: Session, case: Case, model_dir: Path, data_dir: Path, o
     leftover = gpu.allocated_gb()
     if leftover and leftover > 0.05:
         row["leftover_gb"] = leftover  # memory an earlier case did not give back: this run had less
-    watch = Watcher(gpu)
+    # the last updates profiled, when enough are left before them to time
+    watch = Watcher(gpu, BusyProfile(session.steps) if session.steps - PROFILED > 2 * warmup_for(session.steps)
+                    else None)
     gpu.reset_peak()
     started, error, result = time.perf_counter(), None, None
     try:
@@ -108,6 +114,8 @@ def _train_case(session: Session, case: Case, model_dir: Path, data_dir: Path, o
     except Exception as exc:  # noqa: BLE001
         error = error_text(exc)
     row["seconds"] = time.perf_counter() - started
+    if watch.busy:
+        watch.busy.close()
     row["measured_alloc_gb"] = gpu.peak_allocated_gb()
     row["measured_reserved_gb"] = gpu.peak_reserved_gb()
     row["load_peak_gb"] = watch.load_peak
@@ -115,6 +123,8 @@ def _train_case(session: Session, case: Case, model_dir: Path, data_dir: Path, o
     if row["measured_alloc_gb"] is not None and row["planned_alloc_gb"] and not error:
         row["ratio"] = row["measured_alloc_gb"] / row["planned_alloc_gb"]
     _measure_speed(row, watch, cfg, case.family, flops, session.meta.get("peak_flops"))
+    if watch.busy and not watch.backoffs:
+        row.update(watch.busy.figures)
     row["backoffs"] = watch.backoffs
     loss = result.last_loss if result is not None else (watch.losses[-1] if watch.losses else None)
     row["loss"] = loss
@@ -131,8 +141,10 @@ def _train_case(session: Session, case: Case, model_dir: Path, data_dir: Path, o
 
 
 def _measure_speed(row: dict, watch: Watcher, cfg, family: str, flops: float | None, peak: float | None) -> None:
-    """s/it, samples/s or tokens/s, and MFU (none for a run that backed off: it ran other settings)."""
-    per_step = seconds_per_step(watch.times, warmup_for(len(watch.times)))
+    """s/it, samples/s or tokens/s, and MFU (none for a run that backed off: it ran other settings), over the
+    updates before the profiled ones."""
+    times = watch.times[:watch.busy.first] if watch.busy and watch.busy.figures else watch.times
+    per_step = seconds_per_step(times, warmup_for(len(times)))
     samples = cfg.batch_size * cfg.gradient_accumulation_steps
     row["s_per_it"] = per_step
     row["flops_per_sample"] = flops

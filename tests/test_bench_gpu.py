@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu  # noqa: E402  (first: it puts the repository on sys.path for the modules beside it)
+import gpu_busy  # noqa: E402
 import gpu_cases  # noqa: E402
 import gpu_context  # noqa: E402
 import gpu_report  # noqa: E402
@@ -46,6 +47,21 @@ def test_mfu_and_step_time_arithmetic():
     assert gpu_speed.seconds_per_step([0.0, 1.0, 2.5], 2) == pytest.approx(1.5)
     assert gpu_speed.seconds_per_step([0.0], 1) is None
     assert gpu_speed.warmup_for(30) == 5 and gpu_speed.warmup_for(6) == 2 and gpu_speed.warmup_for(3) == 1
+
+
+def test_busy_share_counts_overlapping_kernels_once():
+    assert gpu_busy.busy_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    assert gpu_busy.busy_seconds([]) == 0
+
+
+def test_busy_profile_on_the_cpu_counts_copies_and_no_kernels():
+    busy = gpu_busy.BusyProfile(gpu_busy.PROFILED + 1)
+    x = torch.ones(4)
+    for update in range(1, gpu_busy.PROFILED + 2):
+        x.to(torch.float64)  # one aten::copy_ per update
+        busy.on_update(update)
+    busy.close()
+    assert busy.figures == {"gpu_busy": None, "kernels_per_update": None, "copies_per_update": 1.0}
 
 
 def test_context_search_doubles_then_bisects():
@@ -110,7 +126,7 @@ def fake_results():
     return [
         _run_row("sd15/batch 8/24", 24, config="8×1, 512 px, bf16, adamw, ckpt off, r8", batch_size=8, length=512,
                  s_per_it=0.05, samples_per_s=160.0, mfu=0.41, measured_alloc_gb=9.2, ratio=9.2 / 9.5,
-                 measured_reserved_gb=10.0, load_peak_gb=3.0, loss=0.12),
+                 measured_reserved_gb=10.0, load_peak_gb=3.0, loss=0.12, gpu_busy=0.583, kernels_per_update=2104.0),
         _run_row("sdxl/planner/24", 24, status="same config as sdxl/planner/12", same_as="sdxl/planner/12"),
         _run_row("sdxl/planner/12", 12, s_per_it=0.8, samples_per_s=5.0, mfu=0.3, measured_alloc_gb=12.0,
                  ratio=12.0 / 9.5, measured_reserved_gb=12.5, load_peak_gb=8.0, loss=0.2,
@@ -134,18 +150,20 @@ def test_report_renders_targets_runs_and_context():
     assert "**NVIDIA H100 80GB HBM3**" in report and "2026-01-02" in report and "989 TFLOP/s" in report
     targets = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
     assert targets["SD1.5 512 px batch 8: MFU ≥ 35 %"].endswith(
-        "| 41.0 % (8×1, 512 px, bf16, adamw, ckpt off, r8) | yes |")
+        "| 41.0 % (8×1, 512 px, bf16, adamw, ckpt off, r8, GPU busy 58 %) | yes |")
+    assert targets["SDXL 1024 px: MFU ≥ 30 %"].endswith("| 30.0 % (4×1, 1024 px, bf16, adamw, ckpt on, r8) | yes |")
+    assert targets["Llama 3.1 8B bf16 LoRA: MFU ≥ 45 %"].endswith("| not measured | — |")
     sdxl = targets["SDXL 1024 px on a 24 GB card: fits with batch ≥ 2"]
     assert "the 12 GB run" in sdxl and sdxl.endswith("| yes |")
     plan = targets["plan within ±15 % of measured (allocated)"]
     assert "1 of 2 runs; worst sdxl/planner/12 measured/planned 1.26" in plan and plan.endswith("| **no** |")
     assert targets["8B QLoRA r=32, 24 GB: context ≥ 4× the plain loop's"].endswith(
         "| 16,384 vs 4,096 tokens = 4.00× | yes |")
-    runs = [line for line in report.splitlines() if line.startswith(("| SD1.5 |", "| SDXL |", "| Llama"))]
+    runs = [line for line in report.splitlines() if line.startswith(("| SD1.5 |", "| SDXL |", "| Llama 3.1 8B |"))]
     assert len(runs) == 5
     assert any("error: OutOfMemoryError" in line for line in runs)
     assert any("| **1.26** |" in line for line in runs)  # outside ±15 %: marked
-    assert "| 160.00 img/s | 41.0 % |" in runs[0]
+    assert "| 160.00 img/s | 41.0 % | 58 % (2,104) |" in runs[0]
     assert "| 4,096 | 4,096 | 8,192 | 2.00 | 2,048 | 18.00 GB | 2 |" in report
     assert "The planner's longest fitting max_length for the studio side: 12,288" in report
     # each phase planned / measured: loading phases on their own, training ones from the first update on
@@ -154,7 +172,7 @@ def test_report_renders_targets_runs_and_context():
 
 def test_report_says_what_was_not_measured():
     report = gpu_report.format_report([], {"device": "X", "steps": 30})
-    assert report.count("| not measured | — |") == 4 and "### Runs" not in report
+    assert report.count("| not measured | — |") == 6 and "### Runs" not in report
 
 
 def test_parts_merge_from_json_files(tmp_path):
