@@ -12,8 +12,9 @@ export GRADIO_ANALYTICS_ENABLED := False
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements.txt constraints.txt | $(PY)
+$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt | $(PY)
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --no-deps -c constraints.txt -r requirements-nodeps.txt
 	touch $@
 
 $(DEV_STAMP): requirements-dev.txt $(STAMP)

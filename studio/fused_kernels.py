@@ -6,8 +6,8 @@ as TRL, Axolotl and LLaMA-Factory do with `use_liger_kernel`. A LoRA step on an 
 keeps fewer activations. LoRA is unaffected: the fused MLP still calls the (LoRA-wrapped) gate/up/down projections.
 The LM head's fused linear cross-entropy is studio/llm_loss.py's.
 
-CUDA only: liger is Triton, pinned in requirements-extras.txt (the GPU extras), imported here lazily and only on
-CUDA. The CPU keeps transformers' own modules.
+CUDA only: liger is Triton, pinned in requirements-nodeps.txt (`make` installs it without its dependencies: triton
+comes with CUDA torch builds), imported here lazily and only on CUDA. The CPU keeps transformers' own modules.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def apply_fused_kernels(model: torch.nn.Module, device: torch.device) -> str | N
         return None
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        return ("liger-kernel is not installed: RMSNorm, SwiGLU and RoPE run as separate PyTorch ops (install the "
-                "GPU extras: pip install -c constraints.txt -r requirements-extras.txt).")
+    except ImportError as exc:  # not installed, or no triton (a CUDA torch build without it, e.g. on Windows)
+        return (f"liger-kernel is not usable here ({exc}): RMSNorm, SwiGLU and RoPE run as separate PyTorch ops "
+                "(`make` installs it: pip install --no-deps -c constraints.txt -r requirements-nodeps.txt).")
     # Unsupported model types are left as they are (liger logs which); the loss stays studio/llm_loss.py's.
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
