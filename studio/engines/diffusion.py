@@ -41,6 +41,7 @@ from studio.hardware import storage_dtype, to_device
 from studio.models.pipelines import load_pipeline
 from studio.preview.images import render
 from studio.residency import Residency, decide
+from studio.rotary import lean_rotary_embedding
 
 
 
@@ -90,6 +91,7 @@ class DiffusionEngine(ImageData, Engine):
                                             "tensors).")
         self._log_attention()
         self._channels_last = self._convolutions_in_channels_last()
+        lean_rotary_embedding()  # the denoiser's RoPE without fp32 copies (studio/rotary.py)
         if cfg.torch_compile:
             self.denoiser.compile()  # in place: parameter names, and so the LoRA keys, stay as they are
 
