@@ -8,8 +8,9 @@ and an AccumulateGrad per weight; autocast casts the input once for the base and
 weights' gradients go straight into their `.grad` when that is a slice of studio/master_weights.py's flat gradient
 buffer, so no gather per weight. Where the base layer's forward is not a plain linear (fp8 storage hooks, LoRA
 dropout between the two inputs), `_LoraBranch` adds the LoRA path into the output of the base layer's own forward.
-The sums are the same: bit for bit in fp32 at alpha = rank (the default); in bf16 base + LoRA is rounded once, not
-three times (within bf16 rounding of peft's, tests/test_fused_lora.py).
+The sums are the same: in fp32 at alpha = rank (the default) the output bit for bit, the gradients to fp32 rounding
+(a layer's input gradient is base + LoRA before autograd adds its other readers'); in bf16 base + LoRA is rounded
+once, not three times (within bf16 rounding of peft's, tests/test_fused_lora.py).
 
 `fuse_lora_linears` swaps the class of plain LoRA Linear layers (nn.Linear base, weights not transposed) to
 `FusedLoraLinear`: the parameters, their names and the adapter's state dict stay as they are. Each call takes a
