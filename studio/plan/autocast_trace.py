@@ -28,8 +28,8 @@ LOW_PRECISION_OPS = {F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_
 FP32_OPS = {F.softmax, F.log_softmax, torch.softmax, torch.Tensor.softmax,
             torch.log_softmax, torch.Tensor.log_softmax, F.cross_entropy, F.nll_loss, F.mse_loss, torch.exp,
             torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.rsqrt, torch.Tensor.rsqrt}
-# The trained models' norms run in the compute dtype (studio/compute_dtype_norms.py); autocast's own rule for them
-# (fp32) is what runs measured before that change were traced with.
+# The trained models' norms run in the compute dtype (studio/compute_dtype_norms.py); runs measured before that ran
+# them under autocast's fp32 rule, which `fp32_norms` traces.
 FP32_NORMS = frozenset(NORM_FUNCTIONS)
 
 
