@@ -72,11 +72,14 @@ class EventSink:
 
 def read_events(path: str | Path) -> list[Event]:
     """Events written by a run (skips a torn last line from a crash)."""
-    events = []
     path = Path(path)
-    if not path.is_file():
-        return events
-    for line in path.read_text(encoding="utf-8").splitlines():
+    return parse_events(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def parse_events(text: str) -> list[Event]:
+    """The events in lines of an events.jsonl; a torn or foreign line is skipped."""
+    events = []
+    for line in text.splitlines():
         try:
             events.append(Event(**json.loads(line)))
         except (json.JSONDecodeError, TypeError):

@@ -28,7 +28,7 @@ from studio.loop import train
 from studio.plan.memory import plan_memory
 from studio.ui.config_form import GPU_KEY, form_widget, set_config_key, yaml_to_form
 from studio.ui.config_tab import gpu_choice
-from two_processes import two_process_worker
+from two_processes import fsdp_leave_worker, two_process_worker
 
 REPO = Path(__file__).resolve().parent.parent
 LLM_STEPS = 20
@@ -108,6 +108,16 @@ def test_processes_sum_gradients_and_agree_on_out_of_memory_and_stop(tmp_path):
     got = sorted(results.get() for _ in range(2))
     for rank in (0, 1):  # the same update everywhere: summed gradients and loss; one out of memory = all; one stop = all
         assert got[rank] == (rank, 0.75, [3.0, 3.0, 3.0], [1.0, 1.0], None, True)
+
+
+def test_leaving_ends_the_process_groups_threads_under_fsdp(tmp_path):
+    """FSDP's wrappers hold the process group in reference cycles; left to interpreter shutdown, gloo's worker
+    threads abort the process now and then (SIGABRT) as they free their last tensors. leave() ends them."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    torch.multiprocessing.spawn(fsdp_leave_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    for _, ended in sorted(results.get() for _ in range(2)):
+        assert ended >= 2  # gloo's 2 workers (and its transport's loop) joined: measured 3; 0 without the collect
 
 
 def test_num_processes_and_fsdp_are_checked(demo, tmp_path):
