@@ -47,29 +47,38 @@ def why_not_chunked(model: torch.nn.Module) -> str | None:
     return None
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None,
+                   labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The mean next-token cross-entropy over labelled positions of `batch` (input_ids, labels, position_ids or a
-    ready attention_mask), as `model(**batch).loss` computes it. `model`: a transformers causal LM or its peft
-    wrapper; `chunk`: positions per chunk (default: chunk_tokens of the vocabulary)."""
+    ready attention_mask; other keys go to the attention layers), as `model(**batch).loss` computes it. `model`: a
+    transformers causal LM or its peft wrapper; `chunk`: positions per chunk (default: chunk_tokens of the
+    vocabulary); `labelled`: labelled_positions of the labels, found on the host (else here, on the device)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    return chunked_loss(hidden, batch["labels"], base.get_output_embeddings(), chunk)
+    return chunked_loss(hidden, batch["labels"], base.get_output_embeddings(), chunk, labelled)
 
 
-def chunked_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
-                 chunk: int | None = None) -> torch.Tensor:
-    """Cross-entropy of head(hidden[:, t]) against labels[:, t + 1], averaged over the labelled positions."""
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flattened positions whose next token carries a label, and those labels. Found on the host, where collate
+    made the labels: on a GPU, `nonzero` would wait for every queued kernel."""
     targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    return keep, targets[keep]
+
+
+def chunked_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk: int | None = None,
+                 labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Cross-entropy of head(hidden[:, t]) against labels[:, t + 1], averaged over the labelled positions."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     size = chunk or chunk_tokens(head.weight.shape[0])
     if hidden.device.type == "meta":
         # The planner's shapes: every position labelled (no values to pick by), and one chunk (what a chunk holds
         # is planned from chunk_bytes; the trace sees none of it inside the checkpoint, and it runs 100× faster).
-        size = hidden.shape[0]
+        size, targets = hidden.shape[0], F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
     else:
-        keep = (targets != IGNORE).nonzero().squeeze(1)
-        hidden, targets = hidden[keep], targets[keep]
+        keep, targets = labelled or labelled_positions(labels)
+        hidden = hidden[keep]
     fused = _liger_loss(hidden, targets, head)
     if fused is not None:
         return fused

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mistr
 
 from studio.config import config_from_dict
 from studio.data.text_tokens import Example, collate, pack
+from studio.engines import make_engine
 from studio.engines.packed_attention import DENSE_UP_TO, GROUPED, VARLEN, choose
 from studio.llm_loss import causal_lm_loss
 from studio.events import EventSink
@@ -50,6 +51,47 @@ def test_same_logits_and_gradients_as_the_dense_mask(demo, kind, attention):
     torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, dense_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+aten = torch.ops.aten
+# Ops that make the host wait for a GPU to finish its queued work: reading a value, or an output whose size depends
+# on values (on the CPU they run as any op: counting them is how a CPU shows a GPU's stalls).
+READS = (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default,
+         aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten.masked_select.default,
+         aten.repeat_interleave.Tensor)
+MASK_INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops of a pass that would make the host wait for a GPU: READS, and indexing by a boolean mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in READS or (func in MASK_INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_engines_forward_and_backward_wait_for_no_gpu(demo, tmp_path):
+    """The engine finds the samples of packed rows and the labelled positions when it collates, on the host; in the
+    layers and the loss, each lookup would make the host wait for a GPU (counted here as the ops that do)."""
+    cfg = config_from_dict({"preset": "demo-llm", "base_model": str(demo.llama), "train_data_dir": str(demo.chat),
+                            "output_dir": str(tmp_path), "packing": True})
+    engine = make_engine(cfg, CPU, None, EventSink())
+    engine.load()
+    batch = packed_batch(*BATCHES["grouped"])
+    on_host = engine._found_on_host(dict(batch))  # what engine.collate returns for such rows
+    with HostSyncs() as syncs:
+        ours = engine.loss(on_host, torch.Generator())
+        ours.backward()
+    assert syncs.count == 0
+    with HostSyncs() as syncs:  # the same loss, the samples and labels looked up on the device
+        theirs = causal_lm_loss(engine.model, batch)
+    assert syncs.count > engine.model.config.num_hidden_layers  # at least one per layer
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_generation_with_a_kv_cache_is_unchanged(demo):

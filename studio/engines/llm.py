@@ -34,15 +34,18 @@ from studio.families import get_family
 from studio.fused_kernels import apply_fused_kernels
 from studio.hardware import storage_dtype, to_device
 from studio.activation_offload import use_offloaded_checkpointing
-from studio.llm_loss import causal_lm_loss, why_not_chunked
+from studio.llm_loss import causal_lm_loss, labelled_positions, why_not_chunked
 from studio.preview.chat import generate_reply
 
 ALL_LINEAR = "all-linear"
 # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads needed).
 CHECKPOINTING = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+LABELLED = "labelled"  # a collated batch's labelled_positions (studio/llm_loss.py), found on the host
 
 
 class LLMEngine(Engine):
+    packed_segments = False  # packed rows attended sample by sample: the engine finds the samples (Segments)
+
     # --- setup -------------------------------------------------------------------------------------------------------
     def load(self) -> None:
         cfg = self.cfg
@@ -131,6 +134,7 @@ class LLMEngine(Engine):
         name = packed_attention.choose(model.config, self.device)
         if name:
             model.set_attn_implementation(name)  # a model that cannot switch keeps its own (and says so)
+        self.packed_segments = model.config._attn_implementation in (packed_attention.GROUPED, packed_attention.VARLEN)
         self.events.emit("log", message=f"Attention for packed rows: {model.config._attn_implementation}.")
 
     def enable_gradient_checkpointing(self) -> None:
@@ -180,21 +184,34 @@ class LLMEngine(Engine):
             self.cfg.seed * 100_003 + epoch)).tolist()
         return [order[i:i + size] for i in range(0, len(order), size)]
 
-    def collate(self, indices: list[int], epoch: int) -> dict[str, torch.Tensor]:
-        return collate([self.examples[i] for i in indices], pad_token_id(self.tokenizer))
+    def collate(self, indices: list[int], epoch: int) -> dict:
+        return self._found_on_host(collate([self.examples[i] for i in indices], pad_token_id(self.tokenizer)))
 
-    def held_out_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    def held_out_batches(self) -> Iterator[tuple[dict, int]]:
         for start in range(0, len(self.held_out), self.cfg.batch_size):
             batch = collate(self.held_out[start:start + self.cfg.batch_size], pad_token_id(self.tokenizer))
-            yield batch, int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss is a mean over these tokens
+            tokens = int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss is a mean over these
+            yield self._found_on_host(batch), tokens
+
+    def _found_on_host(self, batch: dict[str, torch.Tensor]) -> dict:
+        """What hangs on the values of the labels and positions, found here where collate made them: on a GPU each
+        would wait for all the queued work (so a forward and backward wait for nothing)."""
+        batch[LABELLED] = labelled_positions(batch["labels"])
+        if self.packed_segments:
+            # transformers hands it on to every attention layer
+            batch[packed_attention.SEGMENTS] = packed_attention.Segments.of(batch["position_ids"])
+        return batch
 
     # --- training ----------------------------------------------------------------------------------------------------
-    def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
-        batch = {k: to_device(v, self.device) for k, v in batch.items()}
+    def loss(self, batch: dict, rng: torch.Generator) -> torch.Tensor:
+        batch = dict(batch)
+        labelled = [to_device(t, self.device) for t in batch.pop(LABELLED)]
+        batch = {k: v.to(self.device) if isinstance(v, packed_attention.Segments) else to_device(v, self.device)
+                 for k, v in batch.items()}
         if self.own_loss_because:
             # use_cache=False: no KV cache in training (and a cache would turn off the packed-sequence masking).
             return self.model(**batch, use_cache=False).loss
-        return causal_lm_loss(self.model, batch)  # the same loss, never all positions' logits at once
+        return causal_lm_loss(self.model, batch, labelled=labelled)  # never all positions' logits at once
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.learning_rate}]

@@ -17,16 +17,20 @@ Decoding with a KV cache (sample replies) is not a packed row: it goes to transf
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from studio.hardware import is_ampere_or_newer
+from studio.hardware import is_ampere_or_newer, to_device
 
 GROUPED = "studio_packed_grouped"
 VARLEN = "studio_packed_varlen"  # no "flash" or "sdpa" in the names: transformers gives those special handling
 DENSE_UP_TO = 256
+SEGMENTS = "studio_segments"  # the keyword the engine passes Segments under (transformers hands it to each layer)
 
 
 def choose(config: PretrainedConfig, device: torch.device) -> str | None:
@@ -55,6 +59,44 @@ def _segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, ends - first
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Where the samples of a packed batch lie, worked out on the host before the batch goes to the device (the
+    engine passes them to every layer as `studio_segments`). Found on a GPU instead, each layer's `nonzero` and
+    `.tolist()` would stall the host until the GPU caught up, twice per layer and again in the recomputation."""
+    cumulative: torch.Tensor  # (samples + 1,) int32: where each sample starts in the flattened tokens, then their count
+    longest: int
+    groups: tuple[torch.Tensor, ...]  # per power-of-two width: (samples, width) token indices, padding -> a zero row
+    slots: torch.Tensor  # (tokens,) each token's place in the groups' outputs laid end to end
+
+    @classmethod
+    def of(cls, position_ids: torch.Tensor) -> "Segments":
+        """From (batch, length) position_ids on the host."""
+        starts, lengths = _segments(position_ids)
+        tokens = position_ids.numel()
+        width = 2 ** torch.ceil(torch.log2(lengths.float())).long()
+        groups, slots, filled = [], torch.empty(tokens, dtype=torch.long), 0
+        for size in width.unique().tolist():
+            pick = width == size
+            offsets = torch.arange(size)
+            index = starts[pick, None] + offsets  # (samples, size) token indices
+            valid = offsets < lengths[pick, None]
+            slots[index[valid]] = filled + torch.arange(index.numel()).view_as(index)[valid]
+            groups.append(torch.where(valid, index, tokens))  # padding slots read the zero row after the tokens
+            filled += index.numel()
+        cumulative = torch.cat([starts, starts.new_tensor([tokens])]).to(torch.int32)
+        return cls(cumulative, int(lengths.max()), tuple(groups), slots)
+
+    def to(self, device: torch.device) -> "Segments":
+        move = partial(to_device, device=device)
+        return Segments(move(self.cumulative), self.longest, tuple(map(move, self.groups)), move(self.slots))
+
+
+def _segments_of(position_ids: torch.Tensor, given: Segments | None) -> Segments:
+    """The engine's segments, or (a caller that passed none) those of `position_ids`, through one copy to the host."""
+    return given or Segments.of(position_ids.cpu()).to(position_ids.device)
+
+
 def _block_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """(batch, 1, length, length): True where a token may attend (same sample, not later) — transformers' mask."""
     sample = _starts(position_ids).cumsum(-1)
@@ -72,47 +114,41 @@ def _whole_rows(query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tens
 
 
 def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                      **kwargs):
+                      studio_segments: Segments | None = None, **kwargs):
     """transformers attention signature; query (B, H, L, D), key/value (B, Hkv, L, D) → output (B, L, H, D)."""
     batch, heads, length, dim = query.shape
     whole = _whole_rows(query, key, position_ids, kwargs)
     if not whole or length <= DENSE_UP_TO:
         mask = _block_mask(position_ids.expand(batch, -1)) if whole else attention_mask
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    segments = _segments_of(position_ids.expand(batch, -1), studio_segments)
     # Token-major, plus one zero row that padded slots of a group read from.
     q, k, v = (F.pad(t.transpose(1, 2).reshape(batch * length, t.shape[1], dim), (0, 0, 0, 0, 0, 1))
                for t in (query, key, value))
-    out = query.new_zeros(batch * length, heads, dim)
-    starts, lengths = _segments(position_ids.expand(batch, -1))
-    width = 2 ** torch.ceil(torch.log2(lengths.float())).long()
-    for size in width.unique().tolist():
-        pick = width == size
-        offsets = torch.arange(size, device=query.device)
-        index = starts[pick, None] + offsets  # (samples, size) token indices
-        valid = offsets < lengths[pick, None]
-        index = torch.where(valid, index, batch * length)  # padding slots → the zero row
+    results = []
+    for index in segments.groups:
         group = [t[index].transpose(1, 2) for t in (q, k, v)]  # (samples, heads, size, dim)
         result = F.scaled_dot_product_attention(*group, dropout_p=dropout, scale=scaling, is_causal=True,
                                                 enable_gqa=key.shape[1] != heads)
-        out = out.index_copy(0, index[valid], result.transpose(1, 2)[valid].to(out.dtype))
+        results.append(result.transpose(1, 2).reshape(-1, heads, dim))
+    out = torch.cat(results)[segments.slots].to(query.dtype)  # each token's row, padding slots left behind
     return out.view(batch, length, heads, dim), None
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                     **kwargs):
+                     studio_segments: Segments | None = None, **kwargs):
     """The same with PyTorch's flash varlen kernel (CUDA sm80+, fp16/bf16, no dropout)."""
     from torch.nn.attention.varlen import varlen_attn
 
     whole = _whole_rows(query, key, position_ids, kwargs)
     if not whole or dropout or query.dtype not in (torch.float16, torch.bfloat16):
-        return grouped_attention(module, query, key, value, attention_mask, dropout, scaling, position_ids, **kwargs)
+        return grouped_attention(module, query, key, value, attention_mask, dropout, scaling, position_ids,
+                                 studio_segments, **kwargs)
     batch, heads, length, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
-    starts, lengths = _segments(position_ids.expand(batch, -1))
-    cumulative = torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)
-    longest = int(lengths.max())
-    out = varlen_attn(q, k, v, cumulative, cumulative, longest, longest, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=key.shape[1] != heads)
+    segments = _segments_of(position_ids.expand(batch, -1), studio_segments)
+    out = varlen_attn(q, k, v, segments.cumulative, segments.cumulative, segments.longest, segments.longest,
+                      scale=scaling, window_size=(-1, 0), enable_gqa=key.shape[1] != heads)
     return out.view(batch, length, heads, dim), None
 
 
