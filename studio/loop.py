@@ -36,7 +36,8 @@ from studio.hardware import autocast_dtype, configure_backends, pick_device
 from studio.master_weights import trainable_weights
 from studio.optim import build_optimizer, build_scheduler, seed_everything
 from studio.plan.fit import Fitted
-from studio.plan.run import measure_peak, peak_memory, report_plan
+from studio.plan.run import measure_peak, report_plan
+from studio.run_reports import ProgressReports, announce_end, announce_start
 from studio.tensorboard_log import TensorBoardListener
 
 
@@ -112,8 +113,8 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
 
     tensorboard = [TensorBoardListener(cfg.logging_dir or out / "logs")] if procs.is_main else []
     events.listeners.extend(tensorboard)
-    _announce_start(cfg, out, events, engine, procs, pos, total)
-    started, start_step, last_loss, stopped = time.time(), pos.step, None, False
+    announce_start(cfg, out, events, engine, procs, pos, total)
+    progress, started, stopped = ProgressReports(events, device, total, pos.step), time.time(), False
     earlier = pos.seconds  # training time before a resume: a run's time is the sum of its sessions
     engine.train_mode(True)
     try:
@@ -123,17 +124,17 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
                 pos.epoch, pos.update_in_epoch = pos.epoch + 1, 0
                 groups = run.groups()
             loss = run.update(groups[pos.update_in_epoch])
+            progress.report()  # the previous update's, now that this one is queued (studio/run_reports.py)
             if loss is None:  # out of memory: lower a setting, then the same update again
                 if run.back_off():
                     # New resolution / max_length: the epoch's groups are made afresh at the same position, so a
                     # few samples of this epoch may be seen twice or not at all.
                     groups = run.groups()
                 continue
-            pos.step, pos.update_in_epoch, last_loss = pos.step + 1, pos.update_in_epoch + 1, loss
-            rate = (pos.step - start_step) / max(time.time() - started, 1e-9)
-            events.emit("progress", step=pos.step, total=total, loss=loss, lr=run.scheduler.get_last_lr()[0],
-                        epoch=pos.epoch, it_per_s=rate, eta_s=(total - pos.step) / rate if rate else None,
-                        **peak_memory(device))
+            pos.step, pos.update_in_epoch = pos.step + 1, pos.update_in_epoch + 1
+            progress.hold(pos, loss, run.scheduler.get_last_lr()[0])
+            if run.acts_now(requests, stop):
+                progress.report()
             # --- validation, samples, checkpoints, stop and user requests: only at update boundaries -------------
             if run.needs_validation():
                 run.validate()
@@ -145,6 +146,7 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
             pos.seconds = earlier + time.time() - started  # saved with a checkpoint, for a resume to add to
             run.save_on_schedule(now=run.requested(requests.save), seconds=pos.seconds)
 
+        progress.report()
         if run.validated_step != pos.step:
             run.validate()  # once at the end, also of a stopped run
         pos.seconds = earlier + time.time() - started
@@ -157,8 +159,8 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
         for listener in tensorboard:
             events.listeners.remove(listener)
             listener.close()
-    return _announce_end(RunResult(out, files, pos.step, total, stopped, last_loss, *(run.best_val or (None, None))),
-                         events)
+    return announce_end(RunResult(out, files, pos.step, total, stopped, progress.last_loss,
+                                  *(run.best_val or (None, None))), events)
 
 
 def _set_up(cfg: RunConfig, out: Path, events: EventSink, procs: Processes) -> "_Training":
@@ -175,29 +177,6 @@ def _set_up(cfg: RunConfig, out: Path, events: EventSink, procs: Processes) -> "
     if cfg.resume_from:
         run.resume(cfg.resume_from)
     return run
-
-
-def _announce_start(cfg: RunConfig, out: Path, events: EventSink, engine, procs: Processes,
-                    pos: Position, total: int) -> None:
-    processes = f" x {procs.world} processes" if procs.world > 1 else ""
-    events.emit("start", step=pos.step, total=total, message=f"Training {total} steps "
-                f"({engine.num_samples()} samples/epoch, effective batch {cfg.effective_batch} = batch "
-                f"{cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes}).",
-                output_dir=str(out), effective_batch=cfg.effective_batch, num_processes=procs.world,
-                earlier_seconds=pos.seconds)  # a resumed run's time so far: the Runs table adds this session's
-    if cfg.sample_prompts and not procs.renders_samples and procs.is_main:
-        events.emit("log", message="No samples under distributed: fsdp (the model is split over the processes); "
-                                   "try the adapter in the Preview tab.")
-
-
-def _announce_end(result: RunResult, events: EventSink) -> RunResult:
-    files, stopped = result.files, result.stopped
-    events.emit("stopped" if stopped else "done", step=result.step, total=result.total_steps,
-                message=f"{'Stopped' if stopped else 'Finished'} at step {result.step}/{result.total_steps}."
-                        + (f" Adapter: {files[0]}" if files else ""),
-                files=[str(f) for f in files], best_val_loss=result.best_val_loss,
-                best_val_step=result.best_val_step)
-    return result
 
 
 class _Training:
@@ -230,9 +209,9 @@ class _Training:
         return self.engine.batches(self.pos.epoch, self.cfg.effective_batch)
 
     # --- one update ----------------------------------------------------------------------------------------------
-    def update(self, group: list[int]) -> float | None:
-        """One optimizer update on `group`; returns its mean loss, or None when it ran out of memory (then nothing
-        has changed: no step taken, gradients cleared, the noise RNG rewound)."""
+    def update(self, group: list[int]) -> torch.Tensor | None:
+        """One optimizer update on `group`; returns its mean loss (on the device, unread), or None when it ran out of
+        memory (then nothing has changed: no step taken, gradients cleared, the noise RNG rewound)."""
         rng_state = self.rng.get_state()
         try:
             loss = self._forward_backward(group)
@@ -255,7 +234,7 @@ class _Training:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.weights.publish()
-        return loss.item()  # read once per update: .item() syncs a GPU
+        return loss
 
     def _forward_backward(self, group: list[int]) -> torch.Tensor:
         """Accumulate the gradient of the group's mean loss over this process's micro-batches of it; returns their
@@ -298,6 +277,11 @@ class _Training:
         return change.remakes_data
 
     # --- checkpoints, samples ------------------------------------------------------------------------------------
+    def acts_now(self, requests: Requests, stop: threading.Event) -> bool:
+        """Whether anything but the next update follows this one (several processes agree on a stop each time)."""
+        return (self.procs.world > 1 or stop.is_set() or requests.sample.is_set() or requests.save.is_set()
+                or self.needs_validation() or self.needs_sample() or self.needs_save() or self.needs_adapter())
+
     def needs_save(self) -> bool:
         return self._every(self.cfg.save_steps)
 

@@ -177,7 +177,9 @@ def test_save_and_sample_requests_are_answered_at_the_next_update(demo, tmp_path
                        sample_prompts=["a red circle"], sample_inference_steps=2),
           EventSink([ask]), requests=requests)
     events = read_events(out / "events.jsonl")
-    assert [e.step for e in events if e.kind == "sample"] == [1, 3]  # asked at 1; the end renders anyway
+    # Asked when update 1 is reported, which is once update 2 is queued (studio/run_reports.py): answered after
+    # update 2; the end renders anyway. The save, asked at update 2's report, comes at once after it.
+    assert [e.step for e in events if e.kind == "sample"] == [2, 3]
     assert [e.step for e in events if e.kind == "checkpoint"] == [2, 3]
     assert (out / f"{out.name}-step000002.safetensors").is_file()
     assert sorted(p.name for p in out.glob("*-step*.safetensors")) == [f"{out.name}-step000002.safetensors"]
