@@ -148,7 +148,6 @@ def train_step_on_one_packed_row(demo, attention, length, longest_sample):
     return batch["input_ids"].shape[1], model.config, watch
 
 
-@pytest.mark.slow  # ~17 s on two CPU threads
 def test_a_32k_packed_row_costs_memory_linear_in_its_length(demo):
     """No row × row mask or score matrix: the largest tensor is bounded by length × (vocabulary or heads × longest
     sample), not length²."""
