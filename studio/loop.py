@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +156,8 @@ def _run(cfg: RunConfig, out: Path, events: EventSink, stop: threading.Event, fi
         measured = measure_peak(device, plan, events)
         files = run.export(earlier + time.time() - started, measured)
     finally:
+        with suppress(Exception):  # a run that fails still reports the update it finished (a failed GPU cannot)
+            progress.report()
         for listener in tensorboard:
             events.listeners.remove(listener)
             listener.close()
