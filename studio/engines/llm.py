@@ -196,21 +196,21 @@ class LLMEngine(Engine):
     def _found_on_host(self, batch: dict[str, torch.Tensor]) -> dict:
         """What hangs on the values of the labels and positions, found here where collate made them: on a GPU each
         would wait for all the queued work (so a forward and backward wait for nothing)."""
-        batch[LABELLED] = labelled_positions(batch["labels"])
+        if not self.own_loss_because:  # the model's own loss (FSDP, transformed logits) picks no positions
+            batch[LABELLED] = labelled_positions(batch["labels"])
         if self.packed_segments:
             # transformers hands it on to every attention layer
             batch[packed_attention.SEGMENTS] = packed_attention.Segments.of(batch["position_ids"])
         return batch
 
     # --- training ----------------------------------------------------------------------------------------------------
-    def loss(self, batch: dict, rng: torch.Generator) -> torch.Tensor:
-        batch = dict(batch)
-        labelled = [to_device(t, self.device) for t in batch.pop(LABELLED)]
+    def loss(self, host: dict, rng: torch.Generator) -> torch.Tensor:
         batch = {k: v.to(self.device) if isinstance(v, packed_attention.Segments) else to_device(v, self.device)
-                 for k, v in batch.items()}
+                 for k, v in host.items() if k != LABELLED}
         if self.own_loss_because:
             # use_cache=False: no KV cache in training (and a cache would turn off the packed-sequence masking).
             return self.model(**batch, use_cache=False).loss
+        labelled = [to_device(t, self.device) for t in host[LABELLED]]
         return causal_lm_loss(self.model, batch, labelled=labelled)  # never all positions' logits at once
 
     def param_groups(self) -> list[dict]:
